@@ -1,0 +1,140 @@
+//! Jobs: what the front door hands over (a [`Delivery`]) and how a queue answers
+//! ([`Admission`]). The durable SQLite queue implements [`JobQueue`].
+
+use std::fmt;
+use std::future::Future;
+use std::net::IpAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+
+/// A boxed future, so that [`JobQueue`] can be used as `dyn JobQueue`.
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// The webhook actions that create jobs, weakest first: merging keeps the strongest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Action {
+    UpdateTags,
+    Update,
+    Add,
+}
+
+impl Action {
+    /// The `wpf_action` value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Action::UpdateTags => "update_tags",
+            Action::Update => "update",
+            Action::Add => "add",
+        }
+    }
+
+    pub fn from_wpf_action(value: &str) -> Option<Self> {
+        match value {
+            "update_tags" => Some(Action::UpdateTags),
+            "update" => Some(Action::Update),
+            "add" => Some(Action::Add),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for Action {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A CRM contact id, kept as a string (CRMs send strings or numbers up to 64-bit).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ContactId(String);
+
+impl ContactId {
+    /// Longest id accepted.
+    pub const MAX_LEN: usize = 128;
+
+    /// A trimmed, non-empty id of printable characters, at most [`Self::MAX_LEN`] bytes.
+    pub fn parse(value: &str) -> Option<Self> {
+        let value = value.trim();
+        let ok = !value.is_empty()
+            && value.len() <= Self::MAX_LEN
+            && !value.chars().any(char::is_control);
+        ok.then(|| ContactId(value.to_owned()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for ContactId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// A job's id in the queue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct JobId(pub i64);
+
+impl fmt::Display for JobId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
+
+/// The webhook request as received, kept so relay mode can send it on and direct mode can read
+/// the CRM payload. The `access_key` parameter is removed from the query before it is stored:
+/// relay adds the site's current key back when it sends.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredRequest {
+    pub method: String,
+    /// Path and query, without `access_key`.
+    pub path_and_query: String,
+    pub content_type: Option<String>,
+    pub body: Bytes,
+    pub client_ip: IpAddr,
+}
+
+/// One authenticated, parsed webhook, handed from the front door to the queue.
+#[derive(Debug, Clone)]
+pub struct Delivery {
+    pub site: Arc<str>,
+    pub contact: ContactId,
+    pub action: Action,
+    /// `role` parameter (query, else payload).
+    pub role: Option<String>,
+    /// `send_notification` parameter (query, else payload).
+    pub send_notification: Option<bool>,
+    /// Tags the CRM sent in its payload, if any (lets `update_tags` skip a CRM call).
+    pub payload_tags: Option<Vec<String>>,
+    pub request: StoredRequest,
+    pub received_at: SystemTime,
+}
+
+/// How the queue took a delivery.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admission {
+    /// A new job was committed.
+    Queued { job: JobId },
+    /// Merged into the contact's pending job.
+    Coalesced { job: JobId },
+    /// The same delivery is already pending (CRM retry or double fire).
+    Duplicate { job: JobId },
+}
+
+/// Why a delivery was not taken. Nothing was committed.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum QueueError {
+    #[error("queue full")]
+    Full { retry_after: Duration },
+    #[error("queue unavailable: {0}")]
+    Unavailable(String),
+}
+
+/// Where the front door puts webhooks. `admit` resolves only once the outcome is committed.
+pub trait JobQueue: Send + Sync + 'static {
+    fn admit(&self, delivery: Delivery) -> BoxFuture<'_, Result<Admission, QueueError>>;
+}

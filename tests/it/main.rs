@@ -1,0 +1,5 @@
+//! Integration tests: the real gateway on 127.0.0.1:0 against real upstream servers.
+
+mod support;
+
+mod smoke;
