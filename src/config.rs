@@ -44,7 +44,72 @@ pub struct Config {
     pub server: ServerConfig,
     pub admin: AdminConfig,
     pub log: LogConfig,
+    pub queue: QueueConfig,
     pub sites: Vec<SiteConfig>,
+}
+
+/// Whether a commit waits for the disk (`fsync`) or only for the OS (`os`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Durability {
+    Fsync,
+    Os,
+}
+
+/// The durable job queue (`[queue]`).
+#[derive(Debug, Clone)]
+pub struct QueueConfig {
+    pub durability: Durability,
+    /// Jobs held (pending + running + retrying) at most; beyond it webhooks get 503.
+    pub queue_max: u64,
+    /// Done jobs and activity are pruned after this long.
+    pub retention: Duration,
+    /// Delays between attempts of a transiently failing job; the last one repeats until
+    /// `retry_until` has passed since the job was received, then the job is dead.
+    pub retry_schedule: Vec<Duration>,
+    pub retry_until: Duration,
+    /// How long the group commit waits to gather concurrent webhooks into one transaction.
+    pub commit_window: Duration,
+}
+
+/// A rate: `count` per `per`, with bursts up to `burst` (`"5/s"`, `"100/min"`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rate {
+    pub count: u32,
+    pub per: Duration,
+    pub burst: u32,
+}
+
+/// Admission limits of one site (`[site.limits]`); `None` is unlimited.
+#[derive(Debug, Clone, Default)]
+pub struct SiteLimits {
+    pub per_ip: Option<Rate>,
+    pub per_site: Option<Rate>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CrmKind {
+    ActiveCampaign,
+    FluentCrm,
+    AgileCrm,
+}
+
+/// The CRM account a site's contacts live in (`[site.crm]`).
+#[derive(Debug, Clone)]
+pub struct CrmConfig {
+    pub kind: CrmKind,
+    pub url: String,
+    pub api_key: Secret,
+    /// FluentCRM application-password user, Agile CRM account email.
+    pub user: Option<String>,
+    /// Outbound pace for this account (ActiveCampaign: 5/s).
+    pub rate: Rate,
+}
+
+/// Where direct mode writes users (`[site.store]`).
+#[derive(Debug, Clone)]
+pub enum StoreConfig {
+    Embedded,
+    WordPress { url: Secret, table_prefix: String },
 }
 
 #[derive(Debug, Clone)]
@@ -134,6 +199,17 @@ pub struct SiteConfig {
     /// Largest webhook body accepted, in bytes.
     pub max_body: u64,
     pub sync_timeout: Duration,
+    /// An exact repeat of a still-pending delivery within this window answers `duplicate`.
+    pub dedupe_window: Duration,
+    /// How long a contact stays locked after a loopback write.
+    pub loopback_lock: Duration,
+    /// Jobs of this site processed at once.
+    pub workers: usize,
+    /// Relay mode: requests to the upstream at once, across the site.
+    pub upstream_concurrency: usize,
+    pub limits: SiteLimits,
+    pub crm: Option<CrmConfig>,
+    pub store: StoreConfig,
 }
 
 /// A configuration problem, located in the file.
@@ -254,6 +330,13 @@ mod raw {
                 respond: Respond::Async,
                 max_body: 1 << 20,
                 sync_timeout: Duration::from_secs(4),
+                dedupe_window: Duration::from_secs(300),
+                loopback_lock: Duration::from_secs(60),
+                workers: 4,
+                upstream_concurrency: 2,
+                limits: SiteLimits::default(),
+                crm: None,
+                store: StoreConfig::Embedded,
             });
         }
         Ok(Config {
@@ -276,6 +359,17 @@ mod raw {
                 format: LogFormat::Text,
                 level: "info".into(),
                 access_log: true,
+            },
+            queue: QueueConfig {
+                durability: Durability::Fsync,
+                queue_max: 1_000_000,
+                retention: Duration::from_secs(7 * 24 * 3600),
+                retry_schedule: [5, 30, 120, 600, 1800, 3600]
+                    .into_iter()
+                    .map(Duration::from_secs)
+                    .collect(),
+                retry_until: Duration::from_secs(24 * 3600),
+                commit_window: Duration::from_millis(2),
             },
             sites,
         })
