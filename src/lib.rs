@@ -52,6 +52,8 @@ impl Listeners {
 pub enum RunError {
     #[error("listener: {0}")]
     Io(#[from] std::io::Error),
+    #[error("proxy: {0}")]
+    Proxy(#[from] proxy::ProxyError),
 }
 
 /// Everything a request needs, shared by all connections.
@@ -62,12 +64,12 @@ pub struct Gateway {
 }
 
 impl Gateway {
-    pub fn new(config: &Config) -> Self {
-        Gateway {
+    pub fn new(config: &Config) -> Result<Self, RunError> {
+        Ok(Gateway {
             router: route::Router::new(&config.sites),
-            proxy: proxy::Proxy::new(config),
+            proxy: proxy::Proxy::new(config)?,
             front_door: webhook::FrontDoor::new(config),
-        }
+        })
     }
 }
 
@@ -78,9 +80,24 @@ pub async fn run(
     listeners: Listeners,
     shutdown: CancellationToken,
 ) -> Result<(), RunError> {
-    let gateway = Arc::new(Gateway::new(&config));
-    server::serve(&config, gateway, listeners.http, shutdown).await;
+    let gateway = Arc::new(Gateway::new(&config)?);
+    for listener in &listeners.http {
+        if let Ok(addr) = listener.local_addr() {
+            tracing::info!(%addr, "listening");
+        }
+    }
+    server::serve(&config, gateway.clone(), listeners.http, shutdown).await;
+    gateway.proxy.close_tunnels();
+    tracing::info!("stopped");
     Ok(())
+}
+
+/// An empty body.
+pub fn empty_body() -> Body {
+    use http_body_util::BodyExt;
+    http_body_util::Empty::new()
+        .map_err(|never| match never {})
+        .boxed()
 }
 
 /// A complete body from bytes.
@@ -93,23 +110,21 @@ pub fn full_body(data: impl Into<Bytes>) -> Body {
 
 impl Gateway {
     /// Route one request: unknown host -> 421; webhook -> front door; else -> upstream.
+    /// `log` is the request's access-log entry (site and upstream time are filled in here).
     pub async fn handle(
         &self,
         req: http::Request<hyper::body::Incoming>,
         conn: server::ConnInfo,
+        log: &mut proxy::RequestLog,
     ) -> http::Response<Body> {
-        let host = req
-            .headers()
-            .get(http::header::HOST)
-            .and_then(|h| h.to_str().ok())
-            .or_else(|| req.uri().host());
-        let Some(site) = self.router.site_for(host).cloned() else {
+        let Some(site) = self.router.route(&req).cloned() else {
             return proxy::error_page(http::StatusCode::MISDIRECTED_REQUEST);
         };
+        log.site = Some(site.clone());
         if route::is_webhook(req.uri().query()) {
             self.front_door.handle(&site, req, conn).await
         } else {
-            self.proxy.forward(&site, req, conn.peer).await
+            self.proxy.forward(&site, req, conn, log).await
         }
     }
 }

@@ -5,7 +5,9 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use tokio::signal::unix::{signal, SignalKind};
 use tokio_util::sync::CancellationToken;
+use wpf_gateway::config::{LogConfig, LogFormat};
 
 #[derive(Parser)]
 #[command(
@@ -57,6 +59,10 @@ fn run(path: PathBuf) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    if let Err(e) = init_logging(&config.log) {
+        eprintln!("wpf-gateway: logging: {e}");
+        return ExitCode::FAILURE;
+    }
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {
@@ -67,14 +73,22 @@ fn run(path: PathBuf) -> ExitCode {
     let result: anyhow::Result<()> = runtime.block_on(async move {
         let listeners = wpf_gateway::Listeners::bind(&config).await?;
         let shutdown = CancellationToken::new();
+        let mut terminate = signal(SignalKind::terminate())?;
+        let mut interrupt = signal(SignalKind::interrupt())?;
         let stop = shutdown.clone();
         tokio::spawn(async move {
-            let _ = tokio::signal::ctrl_c().await;
+            let name = tokio::select! {
+                _ = terminate.recv() => "SIGTERM",
+                _ = interrupt.recv() => "SIGINT",
+            };
+            tracing::info!(signal = name, "stop requested");
             stop.cancel();
         });
         wpf_gateway::run(config, listeners, shutdown).await?;
         Ok(())
     });
+    // Spliced tunnels and other stragglers must not hold the exit.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -82,4 +96,25 @@ fn run(path: PathBuf) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Logs from `[log]`: text or JSON on stdout; `RUST_LOG`, when set, overrides `log.level`.
+/// Access lines use target `access` (filter them with e.g. `info,access=off`).
+fn init_logging(log: &LogConfig) -> anyhow::Result<()> {
+    use std::io::IsTerminal;
+    use tracing_subscriber::EnvFilter;
+    let filter = match std::env::var("RUST_LOG") {
+        Ok(directives) if !directives.trim().is_empty() => EnvFilter::try_new(directives)?,
+        _ => EnvFilter::try_new(&log.level)?,
+    };
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stdout);
+    match log.format {
+        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+        LogFormat::Text => builder
+            .with_ansi(std::io::stdout().is_terminal())
+            .try_init(),
+    }
+    .map_err(|e| anyhow::anyhow!(e))
 }

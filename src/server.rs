@@ -1,17 +1,44 @@
-//! Listeners: accept connections, serve HTTP/1.1 and HTTP/2 (auto-detected), and drain on
-//! shutdown.
+//! Server stage: accept connections, serve HTTP/1.1 and HTTP/2 (h2c prior knowledge, and ALPN
+//! once TLS listeners exist), enforce the connection cap and the header-read and idle
+//! timeouts, and drain on shutdown.
+//!
+//! Timeouts, and who enforces them:
+//! - **header read** (slowloris): hyper's HTTP/1 `header_read_timeout`. Hyper starts that timer
+//!   whenever it waits for a request head, which includes the wait for the *next* request on
+//!   a keep-alive connection, so an idle HTTP/1 connection is closed after
+//!   `min(header_read_timeout, idle_timeout)`.
+//! - **idle**: our own per-connection watchdog ([`Activity`]): a connection with no request in
+//!   flight for `idle_timeout` is shut down gracefully. This is what closes idle HTTP/2
+//!   connections (hyper has no idle timeout for them) and bounds a connection that never
+//!   completes its first request (an HTTP/2 preface sent slowly): until the first request it
+//!   gets `header_read_timeout`.
+//!
+//! The accept path is generic over the IO type ([`Server::serve_connection`]) so TLS streams
+//! plug in next to plain TCP.
 
-use std::net::SocketAddr;
+use std::convert::Infallible;
+use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
 
+use bytes::Bytes;
+use http::HeaderMap;
+use http_body::{Body as HttpBody, Frame, SizeHint};
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
+use ipnet::IpNet;
 use tokio::net::TcpListener;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::{Config, Gateway};
+use crate::proxy::RequestLog;
+use crate::{Body, BoxError, Config, Gateway};
 
 /// What the gateway knows about the connection a request came on.
 #[derive(Debug, Clone, Copy)]
@@ -21,49 +48,394 @@ pub struct ConnInfo {
     pub tls: bool,
 }
 
-/// Accept on every listener until `shutdown`, then wait for open connections to finish.
+/// Is `ip` inside one of the trusted proxy networks?
+pub fn is_trusted(ip: IpAddr, trusted_proxies: &[IpNet]) -> bool {
+    trusted_proxies.iter().any(|net| net.contains(&ip))
+}
+
+/// The client's address as the rest of the gateway sees it (rate limits, logs): the peer,
+/// unless the peer is a trusted proxy; then the right-most address in `X-Forwarded-For` that
+/// is not a trusted proxy (walking right to left over all `X-Forwarded-For` headers). If the
+/// chain is all trusted, its left-most address; if an entry is unparseable, the last good one
+/// to its right.
+pub fn client_ip(headers: &HeaderMap, conn: ConnInfo, trusted_proxies: &[IpNet]) -> IpAddr {
+    let peer = conn.peer.ip().to_canonical();
+    if !is_trusted(peer, trusted_proxies) {
+        return peer;
+    }
+    let mut client = peer;
+    for value in headers.get_all("x-forwarded-for").iter().rev() {
+        let Ok(value) = value.to_str() else {
+            return client;
+        };
+        for item in value.rsplit(',') {
+            let item = item.trim();
+            if item.is_empty() {
+                continue;
+            }
+            let Some(ip) = parse_forwarded_ip(item) else {
+                return client;
+            };
+            client = ip;
+            if !is_trusted(ip, trusted_proxies) {
+                return ip;
+            }
+        }
+    }
+    client
+}
+
+/// `1.2.3.4`, `1.2.3.4:80`, `::1`, `[::1]:80`.
+fn parse_forwarded_ip(item: &str) -> Option<IpAddr> {
+    item.parse::<IpAddr>()
+        .ok()
+        .or_else(|| item.parse::<SocketAddr>().ok().map(|s| s.ip()))
+        .or_else(|| {
+            item.strip_prefix('[')
+                .and_then(|s| s.strip_suffix(']'))
+                .and_then(|s| s.parse().ok())
+        })
+        .map(|ip: IpAddr| ip.to_canonical())
+}
+
+/// Shared by all connections: the protocol builder, the cap, the timeouts.
+pub struct Server {
+    gateway: Arc<Gateway>,
+    builder: auto::Builder<TokioExecutor>,
+    connections: Arc<Semaphore>,
+    header_read_timeout: Duration,
+    idle_timeout: Duration,
+    access_log: bool,
+    trusted_proxies: Arc<[IpNet]>,
+}
+
+impl Server {
+    /// Build the protocol settings from `config.server`.
+    pub fn new(config: &Config, gateway: Arc<Gateway>) -> Self {
+        let s = &config.server;
+        let mut builder = auto::Builder::new(TokioExecutor::new());
+        builder
+            .http1()
+            .timer(TokioTimer::new())
+            .header_read_timeout(s.header_read_timeout)
+            // hyper refuses buffers under 8 KiB; the request head must fit in this buffer,
+            // larger heads get 431.
+            .max_buf_size(s.max_header_size.max(8192));
+        builder
+            .http2()
+            .timer(TokioTimer::new())
+            .max_header_list_size(u32::try_from(s.max_header_size).unwrap_or(u32::MAX))
+            // Pings find dead peers under long-running streams; idleness is the watchdog's.
+            .keep_alive_interval(Some(s.idle_timeout))
+            .keep_alive_timeout(Duration::from_secs(20));
+        Server {
+            gateway,
+            builder,
+            connections: Arc::new(Semaphore::new(s.max_connections.max(1))),
+            header_read_timeout: s.header_read_timeout,
+            idle_timeout: s.idle_timeout,
+            access_log: config.log.access_log,
+            trusted_proxies: config.server.trusted_proxies.clone().into(),
+        }
+    }
+
+    /// Serve one accepted connection (plain TCP now, TLS later) until it closes, `shutdown`
+    /// asks it to drain, or `abort` cuts it off. `permit` is its slot under the cap.
+    pub async fn serve_connection<I>(
+        self: Arc<Self>,
+        io: I,
+        conn: ConnInfo,
+        permit: OwnedSemaphorePermit,
+        shutdown: CancellationToken,
+        abort: CancellationToken,
+    ) where
+        I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    {
+        let activity = Arc::new(Activity::new());
+        let gateway = self.gateway.clone();
+        let trusted = self.trusted_proxies.clone();
+        let access_log = self.access_log;
+        let on_request = activity.clone();
+        let service = service_fn(move |req: http::Request<hyper::body::Incoming>| {
+            let in_flight = InFlight::begin(&on_request);
+            let gateway = gateway.clone();
+            let mut log = RequestLog::start(&req, conn, &trusted, access_log);
+            async move {
+                let resp = gateway.handle(req, conn, &mut log).await;
+                log.status = resp.status().as_u16();
+                Ok::<_, Infallible>(resp.map(|body| ServedBody {
+                    inner: body,
+                    log,
+                    _in_flight: in_flight,
+                }))
+            }
+        });
+        let connection = self.builder.serve_connection_with_upgrades(io, service);
+        tokio::pin!(connection);
+        let mut draining = false;
+        loop {
+            tokio::select! {
+                result = connection.as_mut() => {
+                    if let Err(e) = result {
+                        tracing::debug!(peer = %conn.peer, error = %e, "connection ended");
+                    }
+                    break;
+                }
+                () = shutdown.cancelled(), if !draining => {
+                    draining = true;
+                    connection.as_mut().graceful_shutdown();
+                }
+                () = activity.idle(self.header_read_timeout, self.idle_timeout), if !draining => {
+                    draining = true;
+                    connection.as_mut().graceful_shutdown();
+                }
+                () = abort.cancelled() => break,
+            }
+        }
+        drop(permit);
+    }
+}
+
+/// Accept on every listener until `shutdown`, then let open connections finish their
+/// in-flight requests for up to `server.shutdown_grace`, cut the rest, and return.
 pub async fn serve(
     config: &Config,
     gateway: Arc<Gateway>,
     listeners: Vec<TcpListener>,
     shutdown: CancellationToken,
 ) {
-    let tracker = TaskTracker::new();
+    let server = Arc::new(Server::new(config, gateway));
+    let connections = TaskTracker::new();
+    let abort = CancellationToken::new();
+    let accepting = TaskTracker::new();
     for listener in listeners {
-        tracker.spawn(accept_loop(listener, gateway.clone(), shutdown.clone()));
+        accepting.spawn(accept_loop(
+            listener,
+            server.clone(),
+            connections.clone(),
+            shutdown.clone(),
+            abort.clone(),
+        ));
     }
-    tracker.close();
+    accepting.close();
     shutdown.cancelled().await;
-    let _ = tokio::time::timeout(config.server.shutdown_grace, tracker.wait()).await;
+    accepting.wait().await;
+    connections.close();
+    let open = connections.len();
+    tracing::info!(open, "shutting down: draining connections");
+    if tokio::time::timeout(config.server.shutdown_grace, connections.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            open = connections.len(),
+            "shutdown grace expired; closing remaining connections"
+        );
+        abort.cancel();
+        connections.wait().await;
+    }
 }
 
-async fn accept_loop(listener: TcpListener, gateway: Arc<Gateway>, shutdown: CancellationToken) {
-    let local = match listener.local_addr() {
-        Ok(a) => a,
-        Err(_) => return,
+async fn accept_loop(
+    listener: TcpListener,
+    server: Arc<Server>,
+    connections: TaskTracker,
+    shutdown: CancellationToken,
+    abort: CancellationToken,
+) {
+    let Ok(local) = listener.local_addr() else {
+        return;
     };
     loop {
-        let (stream, peer) = tokio::select! {
-            _ = shutdown.cancelled() => return,
-            accepted = listener.accept() => match accepted {
-                Ok(pair) => pair,
-                Err(_) => continue,
+        // Take the slot before accepting: over the cap, new connections wait in the backlog.
+        let permit = tokio::select! {
+            () = shutdown.cancelled() => return,
+            permit = server.connections.clone().acquire_owned() => match permit {
+                Ok(permit) => permit,
+                Err(_) => return,
             },
         };
+        let (stream, peer) = tokio::select! {
+            () = shutdown.cancelled() => return,
+            accepted = listener.accept() => match accepted {
+                Ok(pair) => pair,
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    tracing::warn!(%local, error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = stream.set_nodelay(true);
         let conn = ConnInfo {
             peer,
             local,
             tls: false,
         };
-        let gateway = gateway.clone();
-        tokio::spawn(async move {
-            let service = service_fn(move |req| {
-                let gateway = gateway.clone();
-                async move { Ok::<_, std::convert::Infallible>(gateway.handle(req, conn).await) }
-            });
-            let _ = auto::Builder::new(TokioExecutor::new())
-                .serve_connection_with_upgrades(TokioIo::new(stream), service)
-                .await;
-        });
+        connections.spawn(server.clone().serve_connection(
+            TokioIo::new(stream),
+            conn,
+            permit,
+            shutdown.clone(),
+            abort.clone(),
+        ));
+    }
+}
+
+/// Per-connection request activity, for the idle watchdog. Lock-free: one counter and one
+/// timestamp touched per request.
+struct Activity {
+    opened: Instant,
+    in_flight: AtomicUsize,
+    served_any: AtomicBool,
+    /// When the last request finished, in ms since `opened`.
+    idle_since_ms: AtomicU64,
+}
+
+impl Activity {
+    fn new() -> Self {
+        Activity {
+            opened: Instant::now(),
+            in_flight: AtomicUsize::new(0),
+            served_any: AtomicBool::new(false),
+            idle_since_ms: AtomicU64::new(0),
+        }
+    }
+
+    /// Resolves once the connection has had no request in flight for `idle_timeout` (or, before
+    /// its first request, for `first_request_timeout`).
+    async fn idle(&self, first_request_timeout: Duration, idle_timeout: Duration) {
+        loop {
+            let now = Instant::now();
+            let deadline = if self.in_flight.load(Ordering::Acquire) > 0 {
+                now + idle_timeout
+            } else if !self.served_any.load(Ordering::Acquire) {
+                self.opened + first_request_timeout.min(idle_timeout)
+            } else {
+                let since = Duration::from_millis(self.idle_since_ms.load(Ordering::Acquire));
+                self.opened + since + idle_timeout
+            };
+            if deadline <= now {
+                return;
+            }
+            tokio::time::sleep_until(deadline).await;
+        }
+    }
+}
+
+/// One request in flight on a connection; dropped when its response body is done.
+struct InFlight(Arc<Activity>);
+
+impl InFlight {
+    fn begin(activity: &Arc<Activity>) -> Self {
+        activity.in_flight.fetch_add(1, Ordering::AcqRel);
+        activity.served_any.store(true, Ordering::Release);
+        InFlight(activity.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        let a = &self.0;
+        let ms = u64::try_from(a.opened.elapsed().as_millis()).unwrap_or(u64::MAX);
+        a.idle_since_ms.store(ms, Ordering::Release);
+        a.in_flight.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// The response body as sent: counts bytes for the access log, writes the log line when
+    /// the body ends (or is dropped, when the client went away) and keeps the connection
+    /// marked busy until then.
+    struct ServedBody {
+        #[pin]
+        inner: Body,
+        log: RequestLog,
+        _in_flight: InFlight,
+    }
+}
+
+impl HttpBody for ServedBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.project();
+        let frame = std::task::ready!(this.inner.poll_frame(cx));
+        match &frame {
+            Some(Ok(frame)) => {
+                if let Some(data) = frame.data_ref() {
+                    this.log.bytes += data.len() as u64;
+                }
+            }
+            Some(Err(_)) | None => this.log.finish(),
+        }
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn conn(peer: &str) -> ConnInfo {
+        ConnInfo {
+            peer: peer.parse().unwrap(),
+            local: "127.0.0.1:80".parse().unwrap(),
+            tls: false,
+        }
+    }
+
+    fn xff(values: &[&str]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for v in values {
+            h.append("x-forwarded-for", v.parse().unwrap());
+        }
+        h
+    }
+
+    #[test]
+    fn client_ip_is_right_most_untrusted() {
+        let trusted: Vec<IpNet> = vec!["10.0.0.0/8".parse().unwrap()];
+        let h = xff(&["6.6.6.6, 1.2.3.4", "10.0.0.2"]);
+        // Untrusted peer: its own address, whatever the header says.
+        assert_eq!(
+            client_ip(&h, conn("9.9.9.9:1"), &trusted),
+            "9.9.9.9".parse::<IpAddr>().unwrap()
+        );
+        assert_eq!(
+            client_ip(&h, conn("10.0.0.1:1"), &trusted),
+            "1.2.3.4".parse::<IpAddr>().unwrap()
+        );
+        // All trusted: the left-most.
+        let h = xff(&["10.1.1.1, 10.0.0.2"]);
+        assert_eq!(
+            client_ip(&h, conn("10.0.0.1:1"), &trusted),
+            "10.1.1.1".parse::<IpAddr>().unwrap()
+        );
+        // Garbage stops the walk at the last good hop.
+        let h = xff(&["1.1.1.1, garbage, 10.0.0.3"]);
+        assert_eq!(
+            client_ip(&h, conn("10.0.0.1:1"), &trusted),
+            "10.0.0.3".parse::<IpAddr>().unwrap()
+        );
+        // Ports and brackets, IPv4-mapped IPv6 peers.
+        let h = xff(&["[2001:db8::1]:443"]);
+        assert_eq!(
+            client_ip(&h, conn("[::ffff:10.0.0.1]:1"), &trusted),
+            "2001:db8::1".parse::<IpAddr>().unwrap()
+        );
     }
 }

@@ -2,4 +2,6 @@
 
 mod support;
 
+mod proxy;
+mod server;
 mod smoke;

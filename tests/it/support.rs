@@ -5,6 +5,7 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -16,6 +17,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
+use wpf_gateway::Config;
 
 /// A gateway running in this process.
 pub struct TestGateway {
@@ -29,11 +31,18 @@ impl TestGateway {
     /// Start from config text; `{data_dir}` is replaced by a fresh temporary directory and
     /// `server.listen` is replaced by one listener on 127.0.0.1:0.
     pub async fn start(config_toml: &str) -> Self {
+        Self::start_with(config_toml, |_| {}).await
+    }
+
+    /// Like [`TestGateway::start`], with `adjust` editing the loaded config first (for keys the
+    /// test TOML cannot express).
+    pub async fn start_with(config_toml: &str, adjust: impl FnOnce(&mut Config)) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         let text = config_toml.replace("{data_dir}", &dir.path().display().to_string());
         let path = dir.path().join("gateway.toml");
         std::fs::write(&path, &text).expect("write config");
-        let config = wpf_gateway::config::load(Path::new(&path)).expect("valid test config");
+        let mut config = wpf_gateway::config::load(Path::new(&path)).expect("valid test config");
+        adjust(&mut config);
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");
         let shutdown = CancellationToken::new();
@@ -60,26 +69,33 @@ impl TestGateway {
     }
 }
 
-/// A real upstream HTTP server (hyper, HTTP/1.1 + h2c) answering with `handler`.
+/// A real upstream HTTP server (hyper, HTTP/1.1 + h2c) answering with `handler`; counts the
+/// connections it accepted.
 pub struct TestUpstream {
     pub addr: SocketAddr,
     pub task: JoinHandle<()>,
+    pub accepted: Arc<AtomicUsize>,
 }
 
 impl TestUpstream {
-    pub async fn start<F, Fut>(handler: F) -> Self
+    pub async fn start<F, Fut, B>(handler: F) -> Self
     where
         F: Fn(Request<Incoming>) -> Fut + Send + Sync + 'static,
-        Fut: Future<Output = Response<Full<Bytes>>> + Send + 'static,
+        Fut: Future<Output = Response<B>> + Send + 'static,
+        B: http_body::Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");
         let handler = Arc::new(handler);
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let count = accepted.clone();
         let task = tokio::spawn(async move {
             loop {
                 let Ok((stream, _)) = listener.accept().await else {
                     return;
                 };
+                count.fetch_add(1, Ordering::SeqCst);
                 let handler = handler.clone();
                 tokio::spawn(async move {
                     let service = service_fn(move |req| {
@@ -92,7 +108,11 @@ impl TestUpstream {
                 });
             }
         });
-        TestUpstream { addr, task }
+        TestUpstream {
+            addr,
+            task,
+            accepted,
+        }
     }
 
     pub fn url(&self) -> String {
@@ -120,4 +140,55 @@ upstream = "{upstream}"
 access_key = "test-key-123"
 "#
     )
+}
+
+/// The request headers an upstream saw, as one `name: value` line each (repeated headers stay
+/// separate lines), answered as the body.
+pub async fn echo_headers(req: Request<Incoming>) -> Response<Full<Bytes>> {
+    let mut text = format!("{} {} {:?}\n", req.method(), req.uri(), req.version());
+    for (name, value) in req.headers() {
+        text.push_str(&format!(
+            "{}: {}\n",
+            name,
+            value.to_str().unwrap_or("<bin>")
+        ));
+    }
+    Response::new(Full::new(Bytes::from(text)))
+}
+
+/// Values of header `name` in an [`echo_headers`] answer.
+pub fn header_lines<'a>(echo: &'a str, name: &str) -> Vec<&'a str> {
+    echo.lines()
+        .filter_map(|l| l.split_once(": "))
+        .filter(|(n, _)| n.eq_ignore_ascii_case(name))
+        .map(|(_, v)| v)
+        .collect()
+}
+
+/// A config with one catch-all site and the given extra `[[site]]` lines.
+pub fn site_config(upstream: &str, hosts: &[&str]) -> String {
+    format!(
+        r#"
+[server]
+listen = ["127.0.0.1:0"]
+data_dir = "{{data_dir}}"
+
+[[site]]
+name = "main"
+hosts = {hosts:?}
+upstream = "{upstream}"
+access_key = "test-key-123"
+"#
+    )
+}
+
+/// Send raw bytes on a fresh connection and read the whole answer until the server closes
+/// (bounded by `limit`).
+pub async fn raw_exchange(addr: SocketAddr, request: &[u8], limit: std::time::Duration) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    stream.write_all(request).await.expect("write");
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(limit, stream.read_to_end(&mut out)).await;
+    String::from_utf8_lossy(&out).into_owned()
 }
