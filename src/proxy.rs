@@ -62,7 +62,7 @@ const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 
-type Connector = hyper_rustls::HttpsConnector<HttpConnector>;
+pub type Connector = hyper_rustls::HttpsConnector<HttpConnector>;
 type UpstreamClient = Client<Connector, UpstreamBody>;
 
 /// Why a request could not be forwarded; [`ProxyError::into_response`] is the one place these
@@ -102,6 +102,27 @@ impl ProxyError {
     }
 }
 
+/// The connector every upstream client uses: plain HTTP or HTTPS (rustls, webpki roots), HTTP/1.1,
+/// with `connect_timeout` and TCP keep-alive. Shared by the pass-through proxy and relay mode.
+pub fn upstream_connector(connect_timeout: Duration) -> Result<Connector, rustls::Error> {
+    let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()?
+    .with_webpki_roots()
+    .with_no_client_auth();
+    let mut http = HttpConnector::new();
+    http.enforce_http(false);
+    http.set_nodelay(true);
+    http.set_connect_timeout(Some(connect_timeout));
+    http.set_keepalive(Some(Duration::from_secs(60)));
+    Ok(hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_or_http()
+        .enable_http1()
+        .wrap_connector(http))
+}
+
 /// The pass-through proxy: pooled upstream clients and the trust list for forwarding headers.
 pub struct Proxy {
     /// One pooled client per distinct connect timeout (usually exactly one): the timeout lives
@@ -115,33 +136,17 @@ pub struct Proxy {
 impl Proxy {
     /// Build the upstream clients for every site.
     pub fn new(config: &Config) -> Result<Self, ProxyError> {
-        let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()?
-        .with_webpki_roots()
-        .with_no_client_auth();
         let mut clients: Vec<(Duration, UpstreamClient)> = Vec::new();
         for site in &config.sites {
             let timeout = site.upstream_connect_timeout;
             if clients.iter().any(|(t, _)| *t == timeout) {
                 continue;
             }
-            let mut http = HttpConnector::new();
-            http.enforce_http(false);
-            http.set_nodelay(true);
-            http.set_connect_timeout(Some(timeout));
-            http.set_keepalive(Some(Duration::from_secs(60)));
-            let connector = hyper_rustls::HttpsConnectorBuilder::new()
-                .with_tls_config(tls.clone())
-                .https_or_http()
-                .enable_http1()
-                .wrap_connector(http);
             let client = Client::builder(TokioExecutor::new())
                 .pool_idle_timeout(Duration::from_secs(90))
                 .pool_timer(hyper_util::rt::TokioTimer::new())
                 .timer(hyper_util::rt::TokioTimer::new())
-                .build(connector);
+                .build(upstream_connector(timeout)?);
             clients.push((timeout, client));
         }
         Ok(Proxy {
