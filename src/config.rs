@@ -2049,3 +2049,648 @@ fn crm_kind_name(k: CrmKind) -> &'static str {
         CrmKind::AgileCrm => "agilecrm",
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+[server]
+listen = ["127.0.0.1:8080"]
+
+[[site]]
+name = "main"
+upstream = "http://127.0.0.1:8081"
+access_key = "key-12345678"
+"#;
+
+    fn parse_text(text: &str) -> Result<Config, ConfigError> {
+        parse(text, Path::new("/etc/wpf/gw.toml"))
+    }
+
+    /// `LINE: key: message` of every problem.
+    fn problems(text: &str) -> Vec<String> {
+        match parse_text(text) {
+            Ok(_) => Vec::new(),
+            Err(e) => e
+                .problems
+                .iter()
+                .map(|p| format!("{}: {}: {}", p.line, p.key, p.message))
+                .collect(),
+        }
+    }
+
+    fn assert_problem(text: &str, prefix: &str) {
+        let found = problems(text);
+        assert!(
+            found.iter().any(|p| p.starts_with(prefix)),
+            "no problem starting with {prefix:?} in {found:#?}"
+        );
+    }
+
+    #[test]
+    fn durations() {
+        let ms = Duration::from_millis;
+        assert_eq!(parse_duration("500ms"), Ok(ms(500)));
+        assert_eq!(parse_duration("60s"), Ok(ms(60_000)));
+        assert_eq!(parse_duration("5m"), Ok(ms(300_000)));
+        assert_eq!(parse_duration("5min"), Ok(ms(300_000)));
+        assert_eq!(parse_duration("1h"), Ok(ms(3_600_000)));
+        assert_eq!(parse_duration("1d"), Ok(ms(86_400_000)));
+        assert_eq!(parse_duration("1m30s"), Ok(ms(90_000)));
+        assert_eq!(parse_duration(" 1h1ms "), Ok(ms(3_600_001)));
+        assert_eq!(parse_duration("0s"), Ok(Duration::ZERO));
+        for bad in [
+            "",
+            "60",
+            "s",
+            "5x",
+            "1.5s",
+            "-1s",
+            "1m 30s",
+            "99999999999999999999d",
+        ] {
+            assert!(parse_duration(bad).is_err(), "{bad:?} accepted");
+        }
+        assert!(
+            parse_duration("99999999999999d").is_err(),
+            "overflow accepted"
+        );
+    }
+
+    #[test]
+    fn durations_format_round_trips() {
+        for text in [
+            "0s",
+            "500ms",
+            "5s",
+            "2m",
+            "1h",
+            "1d",
+            "1m30s",
+            "1d2h3m4s5ms",
+        ] {
+            let d = parse_duration(text).unwrap();
+            assert_eq!(format_duration(d), text);
+        }
+        assert_eq!(format_duration(Duration::from_secs(7 * 86_400)), "7d");
+        assert_eq!(format_duration(Duration::from_secs(90)), "1m30s");
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("512"), Ok(512));
+        assert_eq!(parse_size("64KiB"), Ok(65_536));
+        assert_eq!(parse_size("1MiB"), Ok(1 << 20));
+        assert_eq!(parse_size("1mib"), Ok(1 << 20));
+        assert_eq!(parse_size("1 GiB"), Ok(1 << 30));
+        assert_eq!(parse_size("10KB"), Ok(10_000));
+        assert_eq!(parse_size("2MB"), Ok(2_000_000));
+        assert_eq!(parse_size("3GB"), Ok(3_000_000_000));
+        assert_eq!(parse_size("7B"), Ok(7));
+        for bad in ["", "MiB", "1XB", "-1", "1.5MiB", "99999999999999GiB"] {
+            assert!(parse_size(bad).is_err(), "{bad:?} accepted");
+        }
+        for bytes in [0, 512, 1 << 10, 1 << 20, 3 << 30, 1000, 65_537] {
+            assert_eq!(parse_size(&format_size(bytes)), Ok(bytes));
+        }
+        assert_eq!(format_size(1 << 20), "1MiB");
+        assert_eq!(format_size(1000), "1000");
+    }
+
+    #[test]
+    fn rates() {
+        let s = Duration::from_secs;
+        assert_eq!(parse_rate("5/s"), Ok((5, s(1))));
+        assert_eq!(parse_rate("100/min"), Ok((100, s(60))));
+        assert_eq!(parse_rate("1000/h"), Ok((1000, s(3600))));
+        assert_eq!(parse_rate("20000/d"), Ok((20000, s(86_400))));
+        assert_eq!(parse_rate("10/5m"), Ok((10, s(300))));
+        for bad in ["", "5", "0/s", "-1/s", "5/", "5/x", "5/0s", "99999999999/s"] {
+            assert!(parse_rate(bad).is_err(), "{bad:?} accepted");
+        }
+        for (count, per) in [
+            (5, s(1)),
+            (100, s(60)),
+            (1000, s(3600)),
+            (3, s(86_400)),
+            (10, s(300)),
+        ] {
+            assert_eq!(parse_rate(&format_rate(count, per)), Ok((count, per)));
+        }
+    }
+
+    #[test]
+    fn minimal_config_gets_every_default() {
+        let c = parse_text(MINIMAL).unwrap();
+        assert_eq!(c.server.listen, vec!["127.0.0.1:8080".parse().unwrap()]);
+        assert_eq!(c.server.data_dir, PathBuf::from("/etc/wpf/data"));
+        assert_eq!(c.server.max_connections, 10_000);
+        assert_eq!(c.server.header_read_timeout, Duration::from_secs(10));
+        assert_eq!(c.server.idle_timeout, Duration::from_secs(60));
+        assert_eq!(c.server.max_header_size, 64 * 1024);
+        assert_eq!(c.server.shutdown_grace, Duration::from_secs(30));
+        assert!(c.server.trusted_proxies.is_empty());
+        assert_eq!(c.admin.listen, None);
+        assert_eq!(c.admin.token_file, None);
+        assert_eq!(c.log.format, LogFormat::Text);
+        assert_eq!(c.log.level, "info");
+        assert!(c.log.access_log);
+        assert_eq!(c.queue.durability, Durability::Fsync);
+        assert_eq!(c.queue.queue_max, 1_000_000);
+        assert_eq!(c.queue.retention, Duration::from_secs(7 * 86_400));
+        assert_eq!(c.queue.retry_schedule.len(), 6);
+        assert_eq!(c.queue.retry_until, Duration::from_secs(86_400));
+        assert_eq!(c.queue.commit_window, Duration::from_millis(2));
+        let site = &c.sites[0];
+        assert_eq!(site.name, "main");
+        assert!(site.hosts.is_empty());
+        assert_eq!(site.upstream.to_string(), "http://127.0.0.1:8081");
+        assert_eq!(site.access_key.expose(), "key-12345678");
+        assert_eq!(site.mode, Mode::Relay);
+        assert_eq!(site.respond, Respond::Async);
+        assert_eq!(site.max_body, 1 << 20);
+        assert_eq!(site.sync_timeout, Duration::from_secs(4));
+        assert_eq!(site.dedupe_window, Duration::from_secs(300));
+        assert_eq!(site.loopback_lock, Duration::from_secs(60));
+        assert_eq!(site.workers, 4);
+        assert_eq!(site.upstream_concurrency, 2);
+        assert!(site.limits.per_ip.is_none() && site.limits.per_site.is_none());
+        assert!(site.crm.is_none());
+        assert!(matches!(site.store, StoreConfig::Embedded));
+    }
+
+    #[test]
+    fn every_key_set_is_read() {
+        let text = r#"
+[server]
+listen = ["127.0.0.1:8080", "[::1]:8080"]
+data_dir = "/var/lib/wpf"
+max_connections = 50
+header_read_timeout = "3s"
+idle_timeout = "1m"
+max_header_size = "16KiB"
+shutdown_grace = "0s"
+trusted_proxies = ["10.1.2.3/8", "192.0.2.7", "2001:db8::1"]
+[log]
+format = "json"
+level = "info,wpf_gateway=debug"
+access_log = false
+[queue]
+durability = "os"
+queue_max = 10
+retention = "1h"
+retry_schedule = ["1s", "2s"]
+retry_until = "10m"
+commit_window = "0s"
+[[site]]
+name = "shop-1"
+hosts = ["Shop.Example.COM.", "[::1]", "2001:DB8::2"]
+upstream = "https://127.0.0.1:8443/"
+upstream_connect_timeout = "1s"
+upstream_timeout = "2s"
+access_key = "key-12345678"
+mode = "direct"
+respond = "sync"
+max_body = 2048
+sync_timeout = "4900ms"
+dedupe_window = "0s"
+loopback_lock = "2m"
+workers = 8
+upstream_concurrency = 3
+[site.limits]
+per_ip = "10/s"
+per_site = "100/min"
+per_site_burst = 7
+[site.crm]
+kind = "agilecrm"
+url = "https://acct.agilecrm.com/"
+api_key = "api-key"
+user = "me@example.com"
+rate = "2/s"
+rate_burst = 1
+[site.store]
+kind = "wordpress"
+url = "mysql://u:pw@127.0.0.1/wp"
+table_prefix = "wpx_"
+"#;
+        let c = parse_text(text).unwrap();
+        assert_eq!(c.server.listen.len(), 2);
+        assert_eq!(c.server.data_dir, PathBuf::from("/var/lib/wpf"));
+        assert_eq!(c.server.max_connections, 50);
+        assert_eq!(c.server.max_header_size, 16 * 1024);
+        assert_eq!(c.server.shutdown_grace, Duration::ZERO);
+        let nets: Vec<String> = c
+            .server
+            .trusted_proxies
+            .iter()
+            .map(|n| n.to_string())
+            .collect();
+        assert_eq!(nets, ["10.0.0.0/8", "192.0.2.7/32", "2001:db8::1/128"]);
+        assert_eq!(c.log.format, LogFormat::Json);
+        assert!(!c.log.access_log);
+        assert_eq!(c.queue.durability, Durability::Os);
+        assert_eq!(
+            c.queue.retry_schedule,
+            [Duration::from_secs(1), Duration::from_secs(2)]
+        );
+        assert_eq!(c.queue.commit_window, Duration::ZERO);
+        let s = &c.sites[0];
+        assert_eq!(s.hosts, ["shop.example.com", "::1", "2001:db8::2"]);
+        assert_eq!(s.upstream.to_string(), "https://127.0.0.1:8443");
+        assert_eq!((s.mode, s.respond), (Mode::Direct, Respond::Sync));
+        assert_eq!(s.max_body, 2048);
+        assert_eq!(s.sync_timeout, Duration::from_millis(4900));
+        assert_eq!((s.workers, s.upstream_concurrency), (8, 3));
+        let per_ip = s.limits.per_ip.unwrap();
+        assert_eq!(
+            (per_ip.count, per_ip.per, per_ip.burst),
+            (10, Duration::from_secs(1), 10)
+        );
+        let per_site = s.limits.per_site.unwrap();
+        assert_eq!((per_site.count, per_site.burst), (100, 7));
+        let crm = s.crm.as_ref().unwrap();
+        assert_eq!(crm.kind, CrmKind::AgileCrm);
+        assert_eq!(crm.url, "https://acct.agilecrm.com");
+        assert_eq!(crm.api_key.expose(), "api-key");
+        assert_eq!(crm.user.as_deref(), Some("me@example.com"));
+        assert_eq!((crm.rate.count, crm.rate.burst), (2, 1));
+        match &s.store {
+            StoreConfig::WordPress { url, table_prefix } => {
+                assert_eq!(url.expose(), "mysql://u:pw@127.0.0.1/wp");
+                assert_eq!(table_prefix, "wpx_");
+            }
+            StoreConfig::Embedded => panic!("expected wordpress"),
+        }
+    }
+
+    #[test]
+    fn relative_data_dir_resolves_against_the_config_file() {
+        let text = MINIMAL.replace("[server]", "[server]\ndata_dir = \"./state/q\"");
+        let c = parse(&text, Path::new("conf/gw.toml")).unwrap();
+        assert_eq!(c.server.data_dir, PathBuf::from("conf/state/q"));
+        let c = parse(&text, Path::new("gw.toml")).unwrap();
+        assert_eq!(c.server.data_dir, PathBuf::from("state/q"));
+    }
+
+    #[test]
+    fn problems_carry_line_and_dotted_key() {
+        let text = "[server]\nlisten = [\"127.0.0.1:8080\", \"localhost:80\"]\nidle_timeout = 60\n\n[[site]]\nname = \"a\"\nupstream = \"http://h\"\naccess_key = \"key-12345678\"\n\n[[site]]\nname = \"b\"\nhosts = [\"x.test\"]\nupstream = \"http://h\"\naccess_key = \"key-12345678\"\nworkers = 0\n";
+        assert_eq!(
+            problems(text),
+            [
+                "2: server.listen[1]: \"localhost:80\" is not an address; expected IP and port like \"127.0.0.1:8080\" or \"[::1]:8080\" (host names are not resolved)",
+                "3: server.idle_timeout: invalid type: integer `60`, expected a duration like \"60s\", \"500ms\" or \"1m30s\"",
+                "15: site[1].workers: must be between 1 and 1024",
+            ]
+        );
+    }
+
+    #[test]
+    fn unknown_keys_all_reported() {
+        let text = format!("{MINIMAL}acces_key = \"x\"\n[log]\nlevle = \"debug\"\n");
+        let found = problems(&text);
+        assert!(
+            found[0].starts_with("9: site[0].acces_key: unknown key `acces_key`"),
+            "{found:?}"
+        );
+        assert!(
+            found[1].starts_with("11: log.levle: unknown key `levle`"),
+            "{found:?}"
+        );
+        assert_eq!(found.len(), 2, "{found:?}");
+    }
+
+    #[test]
+    fn missing_required_keys_point_at_their_table() {
+        assert_eq!(
+            problems("[server]\nlisten = [\"127.0.0.1:1\"]\n\n[[site]]\nhosts = [\"a.test\"]\n"),
+            [
+                "4: site[0].name: missing: a name like \"main\" (used in logs, metrics and the admin API)",
+                "4: site[0].upstream: missing: the site's own address, like \"http://127.0.0.1:8081\"",
+                "4: site[0].access_key: missing: give access_key or access_key_file",
+            ]
+        );
+        assert_problem("", "1: server: missing [server]");
+        assert_problem(
+            "[server]\nlisten = [\"127.0.0.1:1\"]\n",
+            "1: site: no [[site]]",
+        );
+        assert_problem("[server]\nlisten = []\n", "2: server.listen: is empty");
+    }
+
+    #[test]
+    fn a_bad_value_removed_is_not_also_called_missing() {
+        let text = MINIMAL.replace("name = \"main\"", "name = 7");
+        assert_eq!(
+            problems(&text),
+            ["6: site[0].name: invalid type: integer `7`, expected a string"]
+        );
+    }
+
+    #[test]
+    fn secrets_never_appear_in_messages() {
+        let secret = "S3CR3T-VALUE-do-not-print";
+        let texts = [
+            MINIMAL.replace("key-12345678", &format!("{secret}\" \n x = \"")),
+            MINIMAL.replace("\"key-12345678\"", "12345678987654321"),
+            format!("{MINIMAL}[site.store]\nkind = \"wordpress\"\nurl = \"postgres://u:{secret}@h/db\"\n"),
+            format!("{MINIMAL}[site.store]\nkind = \"embedded\"\nurl = \"mysql://u:{secret}@h/db\"\n"),
+            format!("{MINIMAL}[site.crm]\nkind = \"activecampaign\"\nurl = \"http://c\"\napi_key = [\"{secret}\"]\n"),
+        ];
+        for text in texts {
+            let err = parse_text(&text).expect_err("invalid");
+            let shown = err.to_string();
+            assert!(
+                !shown.contains(secret) && !shown.contains("12345678987654321"),
+                "{shown}"
+            );
+        }
+    }
+
+    #[test]
+    fn access_key_rules() {
+        assert_problem(
+            &MINIMAL.replace("key-12345678", ""),
+            "8: site[0].access_key: is empty",
+        );
+        assert_problem(
+            &MINIMAL.replace("key-12345678", "short"),
+            "8: site[0].access_key: is shorter than 8 characters",
+        );
+        let both = MINIMAL.replace("access_key = ", "access_key_file = \"k\"\naccess_key = ");
+        assert_problem(
+            &both,
+            "8: site[0].access_key_file: give either access_key or access_key_file, not both",
+        );
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("k"), "file-key-123\r\n").unwrap();
+        let text = MINIMAL.replace("access_key = \"key-12345678\"", "access_key_file = \"k\"");
+        let c = parse(&text, &dir.path().join("gw.toml")).unwrap();
+        assert_eq!(c.sites[0].access_key.expose(), "file-key-123");
+        std::fs::write(dir.path().join("k"), "\n").unwrap();
+        let err = parse(&text, &dir.path().join("gw.toml")).unwrap_err();
+        assert_eq!(err.problems[0].key, "site[0].access_key_file");
+        assert!(err.problems[0].message.ends_with("is empty"), "{err}");
+    }
+
+    #[test]
+    fn sites_cross_checks() {
+        let two = |a: &str, b: &str| {
+            format!(
+                "[server]\nlisten = [\"127.0.0.1:1\"]\n[[site]]\nname = \"a\"\n{a}\nupstream = \"http://h\"\naccess_key = \"key-12345678\"\n[[site]]\nname = \"b\"\n{b}\nupstream = \"http://h\"\naccess_key = \"key-12345678\"\n"
+            )
+        };
+        assert_problem(
+            &two("", ""),
+            "8: site[1].hosts: site[0] is already the catch-all",
+        );
+        assert_problem(
+            &two("", "hosts = []"),
+            "10: site[1].hosts: site[0] is already the catch-all",
+        );
+        assert_problem(
+            &two("hosts = [\"x.test\"]", "hosts = [\"y.test\", \"X.TEST.\"]"),
+            "10: site[1].hosts[1]: \"x.test\" is also a host of site[0]",
+        );
+        assert_problem(
+            &two("hosts = [\"x.test\", \"x.test\"]", ""),
+            "5: site[0].hosts[1]: \"x.test\" is listed twice",
+        );
+        let same_name = two("", "hosts = [\"b.test\"]").replace("name = \"b\"", "name = \"a\"");
+        assert_problem(
+            &same_name,
+            "9: site[1].name: \"a\" is also the name of site[0]",
+        );
+        assert!(problems(&two("", "hosts = [\"b.test\"]")).is_empty());
+    }
+
+    #[test]
+    fn hosts() {
+        use super::validate::host;
+        assert_eq!(host("Example.COM").as_deref(), Ok("example.com"));
+        assert_eq!(host("example.com.").as_deref(), Ok("example.com"));
+        assert_eq!(host("[::1]").as_deref(), Ok("::1"));
+        assert_eq!(host("2001:DB8::2").as_deref(), Ok("2001:db8::2"));
+        assert_eq!(host("127.0.0.1").as_deref(), Ok("127.0.0.1"));
+        for bad in [
+            "",
+            "example.com:8080",
+            "http://x",
+            "x/y",
+            "*.example.com",
+            "a..b",
+            "a b",
+            "[::1]:80",
+        ] {
+            assert!(host(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
+    fn upstreams() {
+        use super::validate::upstream;
+        assert_eq!(
+            upstream("http://127.0.0.1:8081").unwrap().to_string(),
+            "http://127.0.0.1:8081"
+        );
+        assert_eq!(
+            upstream("https://site.test/").unwrap().to_string(),
+            "https://site.test"
+        );
+        for bad in [
+            "",
+            "127.0.0.1:8081",
+            "ftp://x",
+            "http://",
+            "http://h/path",
+            "http://h/?q=1",
+            "http://h#f",
+            "http://user:pw@h",
+        ] {
+            assert!(upstream(bad).is_err(), "{bad:?} accepted");
+        }
+        let err = upstream("http://user:SECRETPW@h").unwrap_err();
+        assert!(!err.contains("SECRETPW"), "{err}");
+    }
+
+    #[test]
+    fn sync_respond_must_answer_before_the_crm_gives_up() {
+        let text = MINIMAL.replace(
+            "access_key",
+            "respond = \"sync\"\nsync_timeout = \"5s\"\naccess_key",
+        );
+        assert_problem(
+            &text,
+            "9: site[0].sync_timeout: must be under 5s with respond = \"sync\": CRMs give up",
+        );
+        assert!(problems(&text.replace("\"5s\"", "\"4s\"")).is_empty());
+        // Async never waits, so the same timeout is fine there.
+        assert!(problems(&text.replace("\"sync\"", "\"async\"")).is_empty());
+    }
+
+    #[test]
+    fn crm_store_and_limits_rules() {
+        let direct = MINIMAL.replace("access_key", "mode = \"direct\"\naccess_key");
+        assert_problem(
+            &direct,
+            "8: site[0].mode: \"direct\" needs a [site.crm] table",
+        );
+        let crm = |body: &str| format!("{MINIMAL}[site.crm]\n{body}\n");
+        assert_problem(
+            &crm("kind = \"fluentcrm\"\nurl = \"http://c\"\napi_key = \"k\""),
+            "9: site[0].crm.user: missing",
+        );
+        assert_problem(
+            &crm("kind = \"activecampaign\"\nurl = \"http://c\"\napi_key = \"k\"\nuser = \"u\""),
+            "13: site[0].crm.user: is only used by fluentcrm and agilecrm",
+        );
+        assert_problem(
+            &crm("kind = \"hubspot\""),
+            "10: site[0].crm.kind: unknown value `hubspot`",
+        );
+        assert_problem(
+            &crm("kind = \"agilecrm\"\nuser = \"u\"\napi_key = \"k\"\nurl = \"c.test\""),
+            "13: site[0].crm.url:",
+        );
+        let c = parse_text(&crm(
+            "kind = \"activecampaign\"\nurl = \"https://a.api-us1.com\"\napi_key = \"k\"",
+        ))
+        .unwrap();
+        let rate = c.sites[0].crm.as_ref().unwrap().rate;
+        assert_eq!(
+            (rate.count, rate.per, rate.burst),
+            (5, Duration::from_secs(1), 5)
+        );
+
+        let store = |body: &str| format!("{MINIMAL}[site.store]\n{body}\n");
+        assert_problem(
+            &store("table_prefix = \"x_\""),
+            "10: site[0].store.table_prefix: is only used with kind = \"wordpress\"",
+        );
+        assert_problem(
+            &store("kind = \"wordpress\""),
+            "9: site[0].store.url: missing: give url or url_file",
+        );
+        assert_problem(
+            &store("kind = \"wordpress\"\nurl = \"mysql://u:p@h/d\"\ntable_prefix = \"wp; drop\""),
+            "12: site[0].store.table_prefix:",
+        );
+
+        let limits = |body: &str| format!("{MINIMAL}[site.limits]\n{body}\n");
+        assert_problem(
+            &limits("per_ip_burst = 3"),
+            "10: site[0].limits.per_ip_burst: needs per_ip",
+        );
+        assert_problem(
+            &limits("per_ip = \"fast\""),
+            "10: site[0].limits.per_ip: \"fast\" is not a rate; expected a rate like",
+        );
+        assert_problem(
+            &limits("per_site = \"5/s\"\nper_site_burst = 0"),
+            "11: site[0].limits.per_site_burst: must be between 1",
+        );
+    }
+
+    #[test]
+    fn admin_rules() {
+        let admin = |body: &str| format!("{MINIMAL}[admin]\n{body}\n");
+        assert!(problems(&admin("listen = \"127.0.0.1:9180\"")).is_empty());
+        assert!(problems(&admin("listen = \"[::1]:9180\"")).is_empty());
+        assert_problem(
+            &admin("listen = \"0.0.0.0:9180\""),
+            "10: admin.listen: 0.0.0.0:9180 is not a loopback address, so token_file is required",
+        );
+        assert_problem(
+            &admin("listen = \"127.0.0.1:8080\""),
+            "10: admin.listen: 127.0.0.1:8080 is also in server.listen",
+        );
+        assert_problem(
+            &admin("token_file = \"/nonexistent/wpf-token\""),
+            "10: admin.token_file: cannot read /nonexistent/wpf-token",
+        );
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("token"), "admin-token\n").unwrap();
+        let text = admin("listen = \"0.0.0.0:9180\"\ntoken_file = \"token\"");
+        let c = parse(&text, &dir.path().join("gw.toml")).unwrap();
+        assert_eq!(c.admin.token_file, Some(dir.path().join("token")));
+    }
+
+    #[test]
+    fn server_value_rules() {
+        let server = |line: &str| MINIMAL.replace("[server]", &format!("[server]\n{line}"));
+        assert_problem(
+            &server("max_header_size = \"4KiB\""),
+            "3: server.max_header_size: must be between 8KiB and 16MiB",
+        );
+        assert_problem(
+            &server("trusted_proxies = [\"10.0.0.0/33\"]"),
+            "3: server.trusted_proxies[0]: \"10.0.0.0/33\" is not a network",
+        );
+        assert_problem(
+            &server("idle_timeout = \"0s\""),
+            "3: server.idle_timeout: must be at least 1ms",
+        );
+        assert_problem(
+            &server("max_connections = -1"),
+            "3: server.max_connections: -1 is negative",
+        );
+        assert_problem(
+            &MINIMAL.replace(
+                "\"127.0.0.1:8080\"]",
+                "\"127.0.0.1:8080\", \"127.0.0.1:8080\"]",
+            ),
+            "3: server.listen[1]: 127.0.0.1:8080 is listed twice",
+        );
+        assert_problem(
+            &format!("{MINIMAL}[log]\nformat = \"xml\""),
+            "10: log.format: unknown value `xml`, expected `text` or `json`",
+        );
+        assert_problem(
+            &format!("{MINIMAL}[queue]\ncommit_window = \"2s\""),
+            "10: queue.commit_window: must be at most 1s",
+        );
+        assert_problem(
+            &format!("{MINIMAL}[queue]\nretry_schedule = []"),
+            "10: queue.retry_schedule: is empty",
+        );
+    }
+
+    #[test]
+    fn syntax_errors_are_located() {
+        assert_problem(
+            "[server]\nlisten = [\"127.0.0.1:1\"]\nlisten = []\n",
+            "3: (syntax): duplicate key `listen`",
+        );
+        assert_problem("[server]\n\nx = \n", "3: (syntax):");
+    }
+
+    #[test]
+    fn render_masks_secrets_and_reads_as_toml() {
+        let text = format!(
+            "{}[site.crm]\nkind = \"fluentcrm\"\nurl = \"http://c\"\napi_key = \"API-SECRET-1\"\nuser = \"u\"\n[site.store]\nkind = \"wordpress\"\nurl = \"mysql://u:DB-SECRET-2@h/d\"\n",
+            MINIMAL.replace("key-12345678", "ACCESS-SECRET-0")
+        );
+        let c = parse_text(&text).unwrap();
+        let shown = render_resolved(&c);
+        for secret in ["ACCESS-SECRET-0", "API-SECRET-1", "DB-SECRET-2"] {
+            assert!(!shown.contains(secret), "{secret} in {shown}");
+        }
+        let table: toml::Table = toml::from_str(&shown).expect("rendered text is TOML");
+        let site = &table["site"].as_array().unwrap()[0];
+        assert_eq!(site["access_key"].as_str(), Some("***"));
+        assert_eq!(site["crm"]["api_key"].as_str(), Some("***"));
+        assert_eq!(site["store"]["url"].as_str(), Some("***"));
+        assert_eq!(table["queue"]["retention"].as_str(), Some("7d"));
+        assert_eq!(table["server"]["max_header_size"].as_str(), Some("64KiB"));
+    }
+
+    #[test]
+    fn rendered_defaults_load_back_to_the_same_values() {
+        let c = parse_text(MINIMAL).unwrap();
+        // The masked key is too short to load: put a real one back, nothing else.
+        let shown = render_resolved(&c).replace("\"***\"", "\"key-12345678\"");
+        let again = parse_text(&shown).unwrap();
+        assert_eq!(format!("{:?}", again), format!("{:?}", c));
+    }
+}
