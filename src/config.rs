@@ -1504,27 +1504,37 @@ mod validate {
 
     /// `http(s)://host[:port][/]`: the request's own path and query are appended when
     /// forwarding, so the upstream has none (and no credentials: never echoed, never logged).
+    /// A URL for messages: quoted, unless it may carry credentials (`user:password@`).
+    fn shown_url(text: &str) -> String {
+        if text.contains('@') {
+            "the URL (not shown: it contains user info)".to_string()
+        } else {
+            format!("{text:?}")
+        }
+    }
+
     pub(super) fn upstream(text: &str) -> Result<Upstream, String> {
+        let shown = shown_url(text);
         let expected =
             "expected a URL like \"http://127.0.0.1:8081\" (scheme, host, optional port)";
         let uri: http::Uri = text
             .parse()
-            .map_err(|_| format!("{text:?} is not a URL; {expected}"))?;
+            .map_err(|_| format!("{shown} is not a URL; {expected}"))?;
         let scheme = match uri.scheme_str() {
             Some("http") => http::uri::Scheme::HTTP,
             Some("https") => http::uri::Scheme::HTTPS,
-            _ => return Err(format!("{text:?} must start with http:// or https://")),
+            _ => return Err(format!("{shown} must start with http:// or https://")),
         };
         let authority = uri.authority().cloned().filter(|a| !a.host().is_empty());
         let Some(authority) = authority else {
-            return Err(format!("{text:?} has no host; {expected}"));
+            return Err(format!("{shown} has no host; {expected}"));
         };
         if authority.as_str().contains('@') {
             return Err("must not contain user info (user:password@)".into());
         }
         if !matches!(uri.path(), "" | "/") || uri.query().is_some() || text.contains('#') {
             return Err(format!(
-                "{text:?} has a path, query or fragment; the gateway forwards each request's own \
+                "{shown} has a path, query or fragment; the gateway forwards each request's own \
                  path, so give scheme, host and port only"
             ));
         }
@@ -1533,11 +1543,12 @@ mod validate {
 
     /// A CRM API base URL: `http(s)://host[:port][/path]`, trailing `/` removed.
     fn crm_url(text: &str) -> Result<String, String> {
+        let shown = shown_url(text);
         let uri: http::Uri = text.parse().map_err(|_| {
-            format!("{text:?} is not a URL; expected like \"https://account.api-us1.com\"")
+            format!("{shown} is not a URL; expected like \"https://account.api-us1.com\"")
         })?;
         if !matches!(uri.scheme_str(), Some("http" | "https")) {
-            return Err(format!("{text:?} must start with http:// or https://"));
+            return Err(format!("{shown} must start with http:// or https://"));
         }
         match uri.authority() {
             Some(a) if a.as_str().contains('@') => {
@@ -1545,12 +1556,12 @@ mod validate {
             }
             Some(a) if !a.host().is_empty() => {
                 if uri.query().is_some() || text.contains('#') {
-                    Err(format!("{text:?} must not have a query or fragment"))
+                    Err(format!("{shown} must not have a query or fragment"))
                 } else {
                     Ok(text.trim_end_matches('/').to_string())
                 }
             }
-            _ => Err(format!("{text:?} has no host")),
+            _ => Err(format!("{shown} has no host")),
         }
     }
 
@@ -2487,6 +2498,25 @@ table_prefix = "wpx_"
         }
     }
 
+    proptest::proptest! {
+        #[test]
+        fn parsing_never_panics(text in "\\PC{0,300}") {
+            let _ = parse_text(&text);
+            let _ = parse_duration(&text);
+            let _ = parse_size(&text);
+            let _ = parse_rate(&text);
+        }
+
+        #[test]
+        fn damaged_configs_never_panic(at in 0usize..200, len in 0usize..20, junk in "[\\[\\]=\"#a-z0-9.:/ \n-]{0,12}") {
+            let mut text = MINIMAL.to_string();
+            let start = at.min(text.len());
+            let end = (start + len).min(text.len());
+            text.replace_range(start..end, &junk);
+            let _ = parse_text(&text);
+        }
+    }
+
     #[test]
     fn upstreams() {
         use super::validate::upstream;
@@ -2510,8 +2540,15 @@ table_prefix = "wpx_"
         ] {
             assert!(upstream(bad).is_err(), "{bad:?} accepted");
         }
-        let err = upstream("http://user:SECRETPW@h").unwrap_err();
-        assert!(!err.contains("SECRETPW"), "{err}");
+        for leaky in [
+            "http://user:SECRETPW@h",
+            "http://u:SECRETPW@h/path",
+            "ftp://u:SECRETPW@h",
+            "http://u:SECRETPW@",
+        ] {
+            let err = upstream(leaky).unwrap_err();
+            assert!(!err.contains("SECRETPW"), "{err}");
+        }
     }
 
     #[test]
