@@ -2006,7 +2006,7 @@ pub fn render_resolved(config: &Config) -> String {
                 ));
                 line(format!("rate_burst = {}", c.rate.burst));
             }
-            None => line("# [site.crm]: not set".into()),
+            None => line("\n# [site.crm]: not set".into()),
         }
 
         line("\n[site.store]".into());
