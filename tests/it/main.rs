@@ -2,6 +2,7 @@
 
 mod support;
 
+mod config;
 mod proxy;
 mod server;
 mod smoke;
