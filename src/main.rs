@@ -38,16 +38,25 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Run { config } => run(config),
-        Command::Check { config } => match wpf_gateway::config::load(&config) {
-            Ok(c) => {
-                println!("{c:#?}");
-                ExitCode::SUCCESS
-            }
-            Err(e) => {
-                eprintln!("{e}");
-                ExitCode::FAILURE
-            }
-        },
+        Command::Check { config } => check(config),
+    }
+}
+
+/// `check`: validate, then print the resolved configuration (secrets masked).
+fn check(path: PathBuf) -> ExitCode {
+    use std::io::Write;
+    match wpf_gateway::config::load(&path) {
+        Ok(config) => {
+            // A closed pipe (`check | head`) is not an error of the configuration.
+            let mut out = std::io::stdout().lock();
+            let _ = out.write_all(wpf_gateway::config::render_resolved(&config).as_bytes());
+            let _ = out.flush();
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("{e}");
+            ExitCode::FAILURE
+        }
     }
 }
 

@@ -85,7 +85,7 @@ mod tests {
 
     fn site(name: &str, hosts: &[&str]) -> SiteConfig {
         let text = format!(
-            "[server]\nlisten=[]\n[[site]]\nname=\"{name}\"\nhosts={hosts:?}\nupstream=\"http://127.0.0.1:1\"\naccess_key=\"k\"\n"
+            "[server]\nlisten=[\"127.0.0.1:0\"]\n[[site]]\nname=\"{name}\"\nhosts={hosts:?}\nupstream=\"http://127.0.0.1:1\"\naccess_key=\"k-12345678\"\n"
         );
         crate::config::parse(&text, std::path::Path::new("t.toml"))
             .unwrap()
