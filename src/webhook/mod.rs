@@ -1,5 +1,7 @@
 //! The webhook front door: requests with `wpf_action` in the query.
 
+pub mod parse;
+
 use std::sync::Arc;
 
 use http::{Request, Response, StatusCode};
