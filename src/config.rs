@@ -469,7 +469,7 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
 /// `"1MiB"` when a whole number of KiB/MiB/GiB, else the bytes: read back by [`parse_size`].
 pub fn format_size(bytes: u64) -> String {
     for (unit, per) in [("GiB", 1u64 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)] {
-        if bytes != 0 && bytes % per == 0 {
+        if bytes != 0 && bytes.is_multiple_of(per) {
             return format!("{}{unit}", bytes / per);
         }
     }

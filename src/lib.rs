@@ -6,15 +6,19 @@
 //! ```text
 //! server (accept, limits, timeouts) -> route (Host -> site) -> webhook? -> webhook front door
 //!                                                             \-> no   -> proxy (upstream)
+//! webhook front door -> queue (SQLite, group commit) -> workers -> relay (to the upstream)
 //! ```
 #![forbid(unsafe_code)]
 
 pub mod config;
+pub mod pace;
 pub mod proxy;
 pub mod queue;
+pub mod relay;
 pub mod route;
 pub mod server;
 pub mod webhook;
+pub mod worker;
 
 use std::sync::Arc;
 
@@ -54,21 +58,25 @@ pub enum RunError {
     Io(#[from] std::io::Error),
     #[error("proxy: {0}")]
     Proxy(#[from] proxy::ProxyError),
+    #[error("{0}")]
+    Queue(#[from] queue::QueueError),
+    #[error("relay for site {site}: {error}")]
+    Relay { site: String, error: rustls::Error },
 }
 
 /// Everything a request needs, shared by all connections.
 pub struct Gateway {
     pub router: route::Router,
     pub proxy: proxy::Proxy,
-    pub front_door: webhook::FrontDoor,
+    pub front_door: Arc<webhook::FrontDoor>,
 }
 
 impl Gateway {
-    pub fn new(config: &Config) -> Result<Self, RunError> {
+    pub fn new(config: &Config, queue: Arc<queue::SqliteQueue>) -> Result<Self, RunError> {
         Ok(Gateway {
             router: route::Router::new(&config.sites),
             proxy: proxy::Proxy::new(config)?,
-            front_door: webhook::FrontDoor::new(config),
+            front_door: Arc::new(webhook::FrontDoor::new(config, queue)),
         })
     }
 }
@@ -80,15 +88,80 @@ pub async fn run(
     listeners: Listeners,
     shutdown: CancellationToken,
 ) -> Result<(), RunError> {
-    let gateway = Arc::new(Gateway::new(&config)?);
+    let queue = queue::SqliteQueue::open(&config.server.data_dir, &config.queue).await?;
+    let gateway = Arc::new(Gateway::new(&config, queue.clone())?);
+    let background = tokio_util::task::TaskTracker::new();
+    let stop_workers = CancellationToken::new();
+    start_workers(&config, &queue, &background, &stop_workers)?;
+    background.spawn(
+        gateway
+            .front_door
+            .clone()
+            .housekeeping(stop_workers.clone()),
+    );
+    background.close();
     for listener in &listeners.http {
         if let Ok(addr) = listener.local_addr() {
             tracing::info!(%addr, "listening");
         }
     }
+    let stopping = shutdown.clone();
+    let workers_stop = stop_workers.clone();
+    tokio::spawn(async move {
+        stopping.cancelled().await;
+        workers_stop.cancel();
+    });
     server::serve(&config, gateway.clone(), listeners.http, shutdown).await;
     gateway.proxy.close_tunnels();
+    // Workers finish the job they hold; one still running after the grace stays `running`
+    // in the queue and runs again on the next start.
+    stop_workers.cancel();
+    if tokio::time::timeout(config.server.shutdown_grace, background.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!("workers still busy after the shutdown grace; their jobs will run again");
+    }
+    queue.close().await;
     tracing::info!("stopped");
+    Ok(())
+}
+
+/// Workers for every site whose jobs can be processed now: relay mode. Direct-mode jobs stay
+/// pending (durably) until the direct-mode processor exists; `check` says so.
+fn start_workers(
+    config: &Config,
+    queue: &Arc<queue::SqliteQueue>,
+    tracker: &tokio_util::task::TaskTracker,
+    shutdown: &CancellationToken,
+) -> Result<(), RunError> {
+    for site in &config.sites {
+        let processor: Arc<dyn worker::Processor> = match site.mode {
+            config::Mode::Relay => {
+                Arc::new(relay::Relay::new(Arc::new(site.clone())).map_err(|error| {
+                    RunError::Relay {
+                        site: site.name.clone(),
+                        error,
+                    }
+                })?)
+            }
+            config::Mode::Direct => {
+                tracing::warn!(
+                    site = %site.name,
+                    "direct mode has no processor yet: its webhooks are queued and kept pending"
+                );
+                continue;
+            }
+        };
+        worker::Worker::spawn(
+            site.workers,
+            Arc::from(site.name.as_str()),
+            queue.clone(),
+            processor,
+            tracker,
+            shutdown.clone(),
+        );
+    }
     Ok(())
 }
 
@@ -122,7 +195,12 @@ impl Gateway {
         };
         log.site = Some(site.clone());
         if route::is_webhook(req.uri().query()) {
-            self.front_door.handle(&site, req, conn).await
+            match self.front_door.handle(&site, req, conn).await {
+                webhook::Outcome::Answered(resp) => resp,
+                webhook::Outcome::PassThrough(req) => {
+                    self.proxy.forward(&site, req, conn, log).await
+                }
+            }
         } else {
             self.proxy.forward(&site, req, conn, log).await
         }

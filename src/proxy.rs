@@ -673,23 +673,10 @@ impl fmt::Display for RedactedTarget<'_> {
     }
 }
 
-/// Is this query key (still encoded) the access key? PHP, which reads it on the site, decodes
-/// `%xx` and `+`, turns `.` and ` ` into `_` and treats `key[...]` as `key`: match all of them.
-fn is_secret_param(raw_key: &str) -> bool {
-    const NAME: &[u8] = b"access_key";
-    let decoded = form_urlencoded::parse(raw_key.as_bytes())
-        .next()
-        .map(|(k, _)| k);
-    let Some(key) = decoded else { return false };
-    let key = key.split('[').next().unwrap_or("");
-    key.len() == NAME.len()
-        && key.bytes().zip(NAME).all(|(a, &b)| {
-            let a = match a {
-                b'.' | b' ' => b'_',
-                other => other.to_ascii_lowercase(),
-            };
-            a == b
-        })
+/// Is this query key (still encoded) the access key, as PHP on the site would read it? Case
+/// is ignored as well: redacting too much in a log costs nothing.
+pub(crate) fn is_secret_param(raw_key: &str) -> bool {
+    crate::route::php_key_is(&raw_key.to_ascii_lowercase(), "access_key")
 }
 
 /// A short HTML error page.

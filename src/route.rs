@@ -75,8 +75,30 @@ fn normalise(host: &str) -> &str {
 }
 
 /// Does the query string carry `wpf_action`? Such requests are webhooks, never forwarded as-is.
+/// Every spelling that PHP on the site reads as `wpf_action` counts (`wpf.action`,
+/// `wpf%20action`, `wpf_action[]`), so none of them slips past the front door to the site.
 pub fn is_webhook(query: Option<&str>) -> bool {
-    query.is_some_and(|q| form_urlencoded::parse(q.as_bytes()).any(|(k, _)| k == "wpf_action"))
+    query.is_some_and(|q| {
+        q.split('&').any(|pair| {
+            let key = pair.split_once('=').map_or(pair, |(k, _)| k);
+            php_key_is(key, "wpf_action")
+        })
+    })
+}
+
+/// Is this query key (still encoded) `name` as PHP reads it? PHP decodes `%xx` and `+`, turns
+/// `.` and ` ` into `_` and treats `key[...]` as `key`.
+pub(crate) fn php_key_is(raw_key: &str, name: &str) -> bool {
+    let decoded = form_urlencoded::parse(raw_key.as_bytes())
+        .next()
+        .map(|(k, _)| k);
+    let Some(key) = decoded else { return false };
+    let key = key.split('[').next().unwrap_or("");
+    key.len() == name.len()
+        && key.bytes().zip(name.bytes()).all(|(a, b)| {
+            let a = if a == b'.' || a == b' ' { b'_' } else { a };
+            a == b
+        })
 }
 
 #[cfg(test)]
@@ -120,6 +142,10 @@ mod tests {
     #[test]
     fn webhook_detection() {
         assert!(is_webhook(Some("wpf_action=update&access_key=k")));
+        assert!(is_webhook(Some("a=1&wpf.action=update")));
+        assert!(is_webhook(Some("wpf+action=update")));
+        assert!(is_webhook(Some("wpf%5Faction[]=update")));
+        assert!(!is_webhook(Some("wpf_actions=update")));
         assert!(!is_webhook(Some("x=wpf_action")));
         assert!(!is_webhook(None));
     }

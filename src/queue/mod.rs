@@ -1,5 +1,7 @@
-//! Jobs: what the front door hands over (a [`Delivery`]) and how a queue answers
-//! ([`Admission`]). The durable SQLite queue implements [`JobQueue`].
+//! The durable job queue: what the front door hands over (a [`Delivery`]), how the queue
+//! answers ([`Admission`]), and the [`Job`]s workers lease. [`SqliteQueue`] is the queue
+//! (SQLite in `data_dir`, group commit); [`index`] is its in-memory picture of who runs and
+//! who waits.
 
 use std::fmt;
 use std::future::Future;
@@ -9,6 +11,11 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
+
+pub mod index;
+mod sqlite;
+
+pub use sqlite::{Lease, SqliteQueue};
 
 /// A boxed future, so that [`JobQueue`] can be used as `dyn JobQueue`.
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
@@ -125,7 +132,17 @@ pub enum Admission {
     Duplicate { job: JobId },
 }
 
-/// Why a delivery was not taken. Nothing was committed.
+impl Admission {
+    pub fn job(self) -> JobId {
+        match self {
+            Admission::Queued { job }
+            | Admission::Coalesced { job }
+            | Admission::Duplicate { job } => job,
+        }
+    }
+}
+
+/// Why the queue could not do what was asked. For an admission: nothing was committed.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum QueueError {
     #[error("queue full")]
@@ -134,7 +151,45 @@ pub enum QueueError {
     Unavailable(String),
 }
 
-/// Where the front door puts webhooks. `admit` resolves only once the outcome is committed.
-pub trait JobQueue: Send + Sync + 'static {
-    fn admit(&self, delivery: Delivery) -> BoxFuture<'_, Result<Admission, QueueError>>;
+/// A job as a worker runs it: the merged action and parameters, the newest delivery.
+#[derive(Debug, Clone)]
+pub struct Job {
+    pub id: JobId,
+    pub site: Arc<str>,
+    pub contact: ContactId,
+    pub action: Action,
+    pub role: Option<String>,
+    pub send_notification: Option<bool>,
+    pub payload_tags: Option<Vec<String>>,
+    /// The newest delivery merged into this job.
+    pub request: StoredRequest,
+    /// When the job's first delivery arrived.
+    pub received_at: SystemTime,
+    /// Attempts so far, this one included.
+    pub attempts: u32,
+    /// Deliveries merged into this job (1 when none was merged).
+    pub deliveries: u32,
+}
+
+/// How a job ended, for a webhook answered in `respond = "sync"` mode.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum JobOutcome {
+    Done { detail: String },
+    Failed { code: String, reason: String },
+    Dead { reason: String },
+}
+
+/// One line of the activity log: what happened to a webhook or a job. Never holds secrets.
+#[derive(Debug, Clone)]
+pub struct Activity {
+    pub at: SystemTime,
+    pub site: Arc<str>,
+    pub contact: Option<String>,
+    pub action: Option<String>,
+    /// `queued`, `coalesced`, `duplicate`, `locked`, `rate_limited`, `done`, `retry`,
+    /// `failed`, `dead`.
+    pub outcome: &'static str,
+    pub job: Option<JobId>,
+    pub duration: Option<Duration>,
+    pub detail: String,
 }

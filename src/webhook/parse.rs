@@ -39,9 +39,9 @@ const MAX_FIELD_LEN: usize = 255;
 
 /// The webhook parameters of a query string, decoded (`%xx`, `+`) but otherwise as sent.
 ///
-/// For each key the first occurrence decides, even when its value is empty (then the field is
-/// `None`). PHP, which reads the same query on the site, keeps the *last* occurrence instead. CRMs
-/// do not repeat these keys, so the two only disagree on hand-made URLs.
+/// For each key the last occurrence decides, even when its value is empty (then the field is
+/// `None`), as in PHP, which reads the same query on the site: the gateway and a site that
+/// receives the relayed webhook never disagree on which `contact_id` or `access_key` counts.
 ///
 /// `Debug` shows the access key as `***`.
 #[derive(Debug, Clone, Default)]
@@ -81,7 +81,7 @@ pub fn parse_query(query: &str) -> Query {
         "email",
     ];
     let [action, access_key, contact_id, role, send_notification, run_async, ttl, email] =
-        first_values(form_urlencoded::parse(query.as_bytes()), KEYS);
+        last_values(form_urlencoded::parse(query.as_bytes()), KEYS);
     Query {
         action: non_empty(action),
         access_key: non_empty(access_key).map(Secret::new),
@@ -94,17 +94,15 @@ pub fn parse_query(query: &str) -> Query {
     }
 }
 
-/// The first value of each of `keys` among `pairs`, in the order of `keys`.
-fn first_values<'a, const N: usize>(
+/// The last value of each of `keys` among `pairs`, in the order of `keys` (PHP semantics).
+fn last_values<'a, const N: usize>(
     pairs: impl Iterator<Item = (Cow<'a, str>, Cow<'a, str>)>,
     keys: [&str; N],
 ) -> [Option<Cow<'a, str>>; N] {
     let mut found: [Option<Cow<'a, str>>; N] = std::array::from_fn(|_| None);
     for (key, value) in pairs {
         if let Some(i) = keys.iter().position(|&k| k == key) {
-            if found[i].is_none() {
-                found[i] = Some(value);
-            }
+            found[i] = Some(value);
         }
     }
     found
@@ -335,7 +333,7 @@ fn form_payload(body: &[u8]) -> Payload {
         "async",
     ];
     let [ac_id, contact_id, email, ac_email, ac_tags, role, send_notification, run_async] =
-        first_values(form_urlencoded::parse(body), KEYS);
+        last_values(form_urlencoded::parse(body), KEYS);
     Payload {
         contact_id: ac_id
             .as_deref()
@@ -530,10 +528,10 @@ mod tests {
     }
 
     #[test]
-    fn query_first_occurrence_wins_even_when_empty() {
-        let q = parse_query("contact_id=1&contact_id=2&access_key=a&access_key=b&role=&role=admin");
-        assert_eq!(q.contact_id.as_deref(), Some("1"));
-        assert_eq!(q.access_key.as_ref().map(Secret::expose), Some("a"));
+    fn query_last_occurrence_wins_even_when_empty() {
+        let q = parse_query("contact_id=1&contact_id=2&access_key=a&access_key=b&role=admin&role=");
+        assert_eq!(q.contact_id.as_deref(), Some("2"));
+        assert_eq!(q.access_key.as_ref().map(Secret::expose), Some("b"));
         assert_eq!(q.role, None);
     }
 

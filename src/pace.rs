@@ -1,0 +1,123 @@
+//! Outbound pacing: how fast workers may call a CRM account or relay to a site's upstream.
+//!
+//! Each account gets a [`Pacer`]: a GCRA limiter (governor) spacing calls evenly at the
+//! configured rate, plus a pause that a `429`/`503` with `Retry-After` sets, so the whole
+//! account backs off for as long as the far side asked, not only the job that was told.
+
+use std::num::NonZeroU32;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
+use tokio::time::Instant;
+
+use crate::config::Rate;
+
+/// Paces calls to one outbound account.
+pub struct Pacer {
+    limiter: Option<DefaultDirectRateLimiter>,
+    paused_until: Mutex<Option<Instant>>,
+}
+
+impl Pacer {
+    /// A pacer at `rate`, or an unpaced one (`None`) that still honours pauses.
+    ///
+    /// Calls are spaced evenly (burst 1) whatever `rate.burst` says: a CRM that counts requests
+    /// in a sliding one-second window answers 429 to a burst followed by a steady stream, and
+    /// an even spacing never exceeds `count` in any window of `per`.
+    pub fn new(rate: Option<Rate>) -> Self {
+        let limiter = rate.and_then(quota_for).map(RateLimiter::direct);
+        Pacer {
+            limiter,
+            paused_until: Mutex::new(None),
+        }
+    }
+
+    /// Wait until a call may be made now.
+    pub async fn ready(&self) {
+        loop {
+            let until = *self.lock_pause();
+            match until {
+                Some(t) if t > Instant::now() => tokio::time::sleep_until(t).await,
+                _ => break,
+            }
+        }
+        if let Some(limiter) = &self.limiter {
+            limiter.until_ready().await;
+        }
+    }
+
+    /// The far side asked us to wait `for_how_long` (`Retry-After`): pause every caller.
+    /// A shorter pause never cuts a longer one short.
+    pub fn pause(&self, for_how_long: Duration) {
+        let until = Instant::now() + for_how_long;
+        let mut paused = self.lock_pause();
+        if paused.is_none_or(|t| t < until) {
+            *paused = Some(until);
+        }
+    }
+
+    /// When the current pause ends, if one is in force.
+    pub fn paused_until(&self) -> Option<Instant> {
+        self.lock_pause().filter(|t| *t > Instant::now())
+    }
+
+    fn lock_pause(&self) -> std::sync::MutexGuard<'_, Option<Instant>> {
+        // A poisoned lock only means another thread panicked while holding a plain
+        // `Option<Instant>`; the value is still valid, so keep using it.
+        self.paused_until
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+/// The governor quota for `count` per `per`, spaced evenly; `None` for a zero rate.
+fn quota_for(rate: Rate) -> Option<Quota> {
+    let count = NonZeroU32::new(rate.count)?;
+    let interval = rate.per / count.get();
+    Quota::with_period(interval).map(|q| q.allow_burst(NonZeroU32::MIN))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rate(count: u32, per_ms: u64) -> Rate {
+        Rate {
+            count,
+            per: Duration::from_millis(per_ms),
+            burst: count,
+        }
+    }
+
+    #[tokio::test]
+    async fn spaces_calls_evenly() {
+        let pacer = Pacer::new(Some(rate(20, 1000)));
+        let start = std::time::Instant::now();
+        for _ in 0..6 {
+            pacer.ready().await;
+        }
+        // First call is free, the next five are 50 ms apart each.
+        let elapsed = start.elapsed();
+        assert!(elapsed >= Duration::from_millis(240), "{elapsed:?}");
+        assert!(elapsed < Duration::from_millis(1000), "{elapsed:?}");
+    }
+
+    #[tokio::test]
+    async fn pause_holds_every_caller_and_longest_wins() {
+        let pacer = Pacer::new(None);
+        pacer.pause(Duration::from_millis(150));
+        pacer.pause(Duration::from_millis(10));
+        assert!(pacer.paused_until().is_some());
+        let start = std::time::Instant::now();
+        pacer.ready().await;
+        assert!(start.elapsed() >= Duration::from_millis(140));
+        assert!(pacer.paused_until().is_none());
+    }
+
+    #[test]
+    fn zero_rate_means_unpaced() {
+        assert!(quota_for(rate(0, 1000)).is_none());
+        assert!(quota_for(rate(5, 1000)).is_some());
+    }
+}

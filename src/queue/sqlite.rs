@@ -1,0 +1,1336 @@
+//! The durable queue: jobs, loopback locks and the activity log in one SQLite file
+//! (`data_dir/queue.sqlite3`, WAL).
+//!
+//! One writer task owns the connection and the [`Index`]. Everything that changes the queue
+//! (admit, lease, finish, lock) is a command sent to it; it takes every command waiting (for
+//! up to `commit_window` after the first), applies them in order in **one transaction**, commits
+//! (one fsync with `durability = "fsync"`), and only then answers: a webhook is acknowledged
+//! only once its job is on disk, and a thousand concurrent webhooks cost one fsync.
+//!
+//! ```text
+//! front door ─ admit ─┐                        ┌─ commit ok ─> answers, waiters, notify workers
+//! workers ── lease ───┼─> channel ─> batch ─> tx ┤
+//!          finish ────┘                        └─ commit failed ─> errors, index rebuilt
+//! ```
+//!
+//! If a batch fails (disk full, I/O error) it is rolled back, every command in it gets
+//! [`QueueError::Unavailable`], and the index is rebuilt from the file, so memory never
+//! claims what the disk does not hold.
+
+use std::collections::{HashMap, HashSet};
+use std::fs::File;
+use std::hash::{Hash, Hasher};
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use rand::Rng;
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqliteSynchronous};
+use sqlx::{Connection, Row, SqliteConnection};
+use tokio::sync::{mpsc, oneshot, Notify};
+
+use super::index::{Decision, Index, Requeue};
+use super::{
+    Action, Activity, Admission, ContactId, Delivery, Job, JobId, JobOutcome, QueueError,
+    StoredRequest,
+};
+use crate::config::{Durability, QueueConfig};
+
+/// Commands waiting in the channel at most; beyond it callers wait (backpressure).
+const CHANNEL_CAPACITY: usize = 65_536;
+/// Commands applied in one transaction at most.
+const MAX_BATCH: usize = 4096;
+/// Rows per multi-row INSERT (SQLite allows 32766 bound variables per statement).
+const INSERT_CHUNK: usize = 1000;
+/// Rows deleted per prune statement, so pruning never holds the writer for long.
+const PRUNE_CHUNK: i64 = 5000;
+/// How often finished jobs, old activity and expired locks are pruned.
+const PRUNE_EVERY: Duration = Duration::from_secs(60);
+/// `Retry-After` answered when the queue is full.
+const FULL_RETRY_AFTER: Duration = Duration::from_secs(10);
+/// Schema version in `PRAGMA user_version`.
+const SCHEMA_VERSION: i64 = 1;
+
+const SCHEMA: &str = r#"
+CREATE TABLE IF NOT EXISTS jobs (
+    id                INTEGER PRIMARY KEY AUTOINCREMENT,
+    site              TEXT    NOT NULL,
+    contact           TEXT    NOT NULL,
+    action            TEXT    NOT NULL,
+    role              TEXT,
+    send_notification INTEGER,
+    payload_tags      TEXT,
+    method            TEXT    NOT NULL,
+    target            TEXT    NOT NULL,
+    content_type      TEXT,
+    body              BLOB    NOT NULL,
+    client_ip         TEXT    NOT NULL,
+    fingerprint       INTEGER NOT NULL,
+    deliveries        INTEGER NOT NULL,
+    received_at       INTEGER NOT NULL,
+    updated_at        INTEGER NOT NULL,
+    attempts          INTEGER NOT NULL DEFAULT 0,
+    next_run_at       INTEGER NOT NULL,
+    state             TEXT    NOT NULL,
+    result            TEXT,
+    last_error        TEXT,
+    finished_at       INTEGER
+);
+CREATE INDEX IF NOT EXISTS jobs_open ON jobs(state) WHERE state IN ('pending', 'running');
+CREATE INDEX IF NOT EXISTS jobs_finished ON jobs(finished_at) WHERE finished_at IS NOT NULL;
+CREATE TABLE IF NOT EXISTS locks (
+    site     TEXT    NOT NULL,
+    contact  TEXT    NOT NULL,
+    until_ms INTEGER NOT NULL,
+    PRIMARY KEY (site, contact)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS activity (
+    id          INTEGER PRIMARY KEY,
+    at_ms       INTEGER NOT NULL,
+    site        TEXT    NOT NULL,
+    contact     TEXT,
+    action      TEXT,
+    outcome     TEXT    NOT NULL,
+    job         INTEGER,
+    duration_ms INTEGER,
+    detail      TEXT
+);
+"#;
+
+/// What a worker gets from [`SqliteQueue::lease`].
+#[derive(Debug)]
+pub enum Lease {
+    /// A job, now `running`.
+    Job(Box<Job>),
+    /// Nothing due; the next job of the site is due in this long (if one waits).
+    Idle(Option<Duration>),
+}
+
+/// How a running job ended, as the worker reports it.
+enum Finish {
+    Done {
+        detail: String,
+    },
+    Retry {
+        reason: String,
+        retry_after: Option<Duration>,
+    },
+    Failed {
+        code: String,
+        reason: String,
+    },
+}
+
+type Reply<T> = oneshot::Sender<Result<T, QueueError>>;
+
+enum Command {
+    Admit {
+        delivery: Box<Delivery>,
+        dedupe_window: Duration,
+        watch: Option<oneshot::Sender<JobOutcome>>,
+        reply: Reply<Admission>,
+    },
+    Lease {
+        site: Arc<str>,
+        reply: Reply<Lease>,
+    },
+    Finish {
+        site: Arc<str>,
+        job: JobId,
+        action: Action,
+        attempts: u32,
+        received_at: SystemTime,
+        took: Duration,
+        how: Finish,
+        reply: Reply<()>,
+    },
+    Lock {
+        site: Arc<str>,
+        contact: ContactId,
+        until_ms: i64,
+        reply: Reply<()>,
+    },
+    Record(Box<Activity>),
+    Prune,
+    Close(oneshot::Sender<()>),
+}
+
+/// Loopback locks in memory: (site, contact) -> locked until (ms since the epoch). Entries
+/// expire on their own at that time.
+type LockCache = moka::sync::Cache<(Arc<str>, String), i64>;
+
+struct LockExpiry;
+
+impl moka::Expiry<(Arc<str>, String), i64> for LockExpiry {
+    fn expire_after_create(
+        &self,
+        _key: &(Arc<str>, String),
+        until_ms: &i64,
+        _created_at: Instant,
+    ) -> Option<Duration> {
+        Some(until(*until_ms))
+    }
+
+    fn expire_after_update(
+        &self,
+        _key: &(Arc<str>, String),
+        until_ms: &i64,
+        _updated_at: Instant,
+        _current: Option<Duration>,
+    ) -> Option<Duration> {
+        Some(until(*until_ms))
+    }
+}
+
+/// Time from now until `ms` since the epoch (zero if past).
+fn until(ms: i64) -> Duration {
+    Duration::from_millis(ms.saturating_sub(now_ms()).max(0) as u64)
+}
+
+/// The durable job queue. Cheap to share (`Arc`); all writes go through one writer task.
+pub struct SqliteQueue {
+    commands: mpsc::Sender<Command>,
+    locks: LockCache,
+    notifiers: Mutex<HashMap<Arc<str>, Arc<Notify>>>,
+    path: PathBuf,
+    /// Held for the queue's lifetime: one gateway per data directory.
+    _lock_file: File,
+}
+
+impl SqliteQueue {
+    /// Open (or create) the queue in `data_dir`: jobs left `running` by a crash become
+    /// pending again, the index and the locks are loaded, and the writer task starts.
+    pub async fn open(data_dir: &Path, config: &QueueConfig) -> Result<Arc<Self>, QueueError> {
+        std::fs::create_dir_all(data_dir).map_err(|e| {
+            QueueError::Unavailable(format!("cannot create {}: {e}", data_dir.display()))
+        })?;
+        let lock_path = data_dir.join("queue.lock");
+        let lock_file = File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(|e| QueueError::Unavailable(format!("{}: {e}", lock_path.display())))?;
+        lock_file.try_lock().map_err(|_| {
+            QueueError::Unavailable(format!(
+                "{} is in use by another wpf-gateway (one gateway per data_dir)",
+                data_dir.display()
+            ))
+        })?;
+        let path = data_dir.join("queue.sqlite3");
+        let named = |e: sqlx::Error| QueueError::Unavailable(format!("{}: {e}", path.display()));
+        let options = SqliteConnectOptions::from_str("sqlite://")
+            .map_err(named)?
+            .filename(&path)
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(match config.durability {
+                // In WAL mode FULL syncs the log on every commit; NORMAL only at checkpoints,
+                // which survives a crash of the process but not of the machine.
+                Durability::Fsync => SqliteSynchronous::Full,
+                Durability::Os => SqliteSynchronous::Normal,
+            })
+            .busy_timeout(Duration::from_secs(5))
+            .statement_cache_capacity(64);
+        let mut conn = SqliteConnection::connect_with(&options)
+            .await
+            .map_err(named)?;
+        prepare_schema(&mut conn).await.map_err(named)?;
+        let now = now_ms();
+        sqlx::query("UPDATE jobs SET state = 'pending' WHERE state = 'running'")
+            .execute(&mut conn)
+            .await
+            .map_err(named)?;
+        let locks: LockCache = moka::sync::Cache::builder()
+            .max_capacity(1_000_000)
+            .expire_after(LockExpiry)
+            .build();
+        let rows = sqlx::query("SELECT site, contact, until_ms FROM locks WHERE until_ms > ?")
+            .bind(now)
+            .fetch_all(&mut conn)
+            .await
+            .map_err(named)?;
+        for row in rows {
+            let site: String = row.get(0);
+            locks.insert((Arc::from(site), row.get(1)), row.get(2));
+        }
+        let (commands, inbox) = mpsc::channel(CHANNEL_CAPACITY);
+        let mut writer = Writer {
+            conn,
+            state: State {
+                index: Index::default(),
+                next_id: 1,
+                config: config.clone(),
+                notify: HashSet::new(),
+            },
+            waiters: HashMap::new(),
+            path: path.clone(),
+        };
+        writer.rebuild().await.map_err(named)?;
+        tracing::info!(file = %path.display(), jobs = writer.state.index.active(), "queue open");
+        let queue = Arc::new(SqliteQueue {
+            commands,
+            locks,
+            notifiers: Mutex::new(HashMap::new()),
+            path,
+            _lock_file: lock_file,
+        });
+        let weak = Arc::downgrade(&queue);
+        tokio::spawn(writer.run(inbox, weak));
+        let prune = queue.commands.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(PRUNE_EVERY);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                if prune.send(Command::Prune).await.is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(queue)
+    }
+
+    /// The queue's file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    async fn call<T>(&self, make: impl FnOnce(Reply<T>) -> Command) -> Result<T, QueueError> {
+        let (reply, answer) = oneshot::channel();
+        self.commands
+            .send(make(reply))
+            .await
+            .map_err(|_| closed())?;
+        answer.await.map_err(|_| closed())?
+    }
+
+    /// Take a delivery: a new job, merged into the contact's pending job, or a duplicate.
+    /// Resolves only once the outcome is committed. With `watch`, also returns a receiver of
+    /// the job's final outcome (for `respond = "sync"`).
+    pub async fn admit(
+        &self,
+        delivery: Delivery,
+        dedupe_window: Duration,
+        watch: bool,
+    ) -> Result<(Admission, Option<oneshot::Receiver<JobOutcome>>), QueueError> {
+        let (watch, outcome) = if watch {
+            let (tx, rx) = oneshot::channel();
+            (Some(tx), Some(rx))
+        } else {
+            (None, None)
+        };
+        let admission = self
+            .call(|reply| Command::Admit {
+                delivery: Box::new(delivery),
+                dedupe_window,
+                watch,
+                reply,
+            })
+            .await?;
+        Ok((admission, outcome))
+    }
+
+    /// The oldest due job of `site` whose contact has no job running, now marked running.
+    pub async fn lease(&self, site: &Arc<str>) -> Result<Lease, QueueError> {
+        self.call(|reply| Command::Lease {
+            site: site.clone(),
+            reply,
+        })
+        .await
+    }
+
+    /// The job succeeded.
+    pub async fn done(&self, job: &Job, took: Duration, detail: String) -> Result<(), QueueError> {
+        self.finish(job, took, Finish::Done { detail }).await
+    }
+
+    /// The job failed transiently: run it again on the retry schedule (or after
+    /// `retry_after`), or move it to the dead letter once `retry_until` has passed.
+    pub async fn retry(
+        &self,
+        job: &Job,
+        took: Duration,
+        reason: String,
+        retry_after: Option<Duration>,
+    ) -> Result<(), QueueError> {
+        self.finish(
+            job,
+            took,
+            Finish::Retry {
+                reason,
+                retry_after,
+            },
+        )
+        .await
+    }
+
+    /// The job failed permanently: recorded, not retried.
+    pub async fn fail(
+        &self,
+        job: &Job,
+        took: Duration,
+        code: &str,
+        reason: String,
+    ) -> Result<(), QueueError> {
+        let code = code.to_owned();
+        self.finish(job, took, Finish::Failed { code, reason })
+            .await
+    }
+
+    async fn finish(&self, job: &Job, took: Duration, how: Finish) -> Result<(), QueueError> {
+        self.call(|reply| Command::Finish {
+            site: job.site.clone(),
+            job: job.id,
+            action: job.action,
+            attempts: job.attempts,
+            received_at: job.received_at,
+            took,
+            how,
+            reply,
+        })
+        .await
+    }
+
+    /// Lock `contact` of `site` for `ttl` (loopback lock); durable once this returns.
+    pub async fn lock(
+        &self,
+        site: &Arc<str>,
+        contact: &ContactId,
+        ttl: Duration,
+    ) -> Result<(), QueueError> {
+        let until_ms = now_ms().saturating_add(i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX));
+        self.call(|reply| Command::Lock {
+            site: site.clone(),
+            contact: contact.clone(),
+            until_ms,
+            reply,
+        })
+        .await?;
+        self.locks
+            .insert((site.clone(), contact.as_str().to_owned()), until_ms);
+        Ok(())
+    }
+
+    /// Is `contact` of `site` locked now? How long the lock still holds, if so.
+    pub fn locked_for(&self, site: &Arc<str>, contact: &ContactId) -> Option<Duration> {
+        let until_ms = self
+            .locks
+            .get(&(site.clone(), contact.as_str().to_owned()))?;
+        let left = until(until_ms);
+        (!left.is_zero()).then_some(left)
+    }
+
+    /// Contacts locked now (approximate: expired entries may linger until moka evicts them).
+    pub fn locks_held(&self) -> u64 {
+        self.locks.run_pending_tasks();
+        self.locks.entry_count()
+    }
+
+    /// Add a line to the activity log. Best effort: written with the next batch; if the
+    /// writer is overwhelmed the line is dropped (jobs never are).
+    pub fn record(&self, activity: Activity) {
+        if self
+            .commands
+            .try_send(Command::Record(Box::new(activity)))
+            .is_err()
+        {
+            tracing::debug!("activity line dropped: queue writer busy");
+        }
+    }
+
+    /// Wakes the site's workers when a job of the site becomes ready. Create the
+    /// `Notified` future (and `enable` it) *before* calling [`lease`](Self::lease), so a
+    /// wake-up between the two is not missed.
+    pub fn notifier(&self, site: &Arc<str>) -> Arc<Notify> {
+        let mut map = self
+            .notifiers
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        map.entry(site.clone()).or_default().clone()
+    }
+
+    /// Commit what is in flight and stop the writer. Later calls get `Unavailable`.
+    pub async fn close(&self) {
+        let (tx, rx) = oneshot::channel();
+        if self.commands.send(Command::Close(tx)).await.is_ok() {
+            let _ = rx.await;
+        }
+    }
+}
+
+fn closed() -> QueueError {
+    QueueError::Unavailable("queue is closed".into())
+}
+
+/// Milliseconds since the Unix epoch.
+fn now_ms() -> i64 {
+    to_ms(SystemTime::now())
+}
+
+fn to_ms(t: SystemTime) -> i64 {
+    t.duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+fn from_ms(ms: i64) -> SystemTime {
+    UNIX_EPOCH + Duration::from_millis(ms.max(0) as u64)
+}
+
+fn duration_ms(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
+
+/// Identity of a delivery for exact-repeat detection: everything the CRM sent that matters.
+fn fingerprint(d: &Delivery) -> u64 {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    d.contact.hash(&mut h);
+    d.action.hash(&mut h);
+    d.role.hash(&mut h);
+    d.send_notification.hash(&mut h);
+    d.request.method.hash(&mut h);
+    d.request.path_and_query.hash(&mut h);
+    d.request.content_type.hash(&mut h);
+    d.request.body.hash(&mut h);
+    h.finish()
+}
+
+async fn prepare_schema(conn: &mut SqliteConnection) -> Result<(), sqlx::Error> {
+    let version: i64 = sqlx::query_scalar("PRAGMA user_version")
+        .fetch_one(&mut *conn)
+        .await?;
+    if version > SCHEMA_VERSION {
+        return Err(sqlx::Error::Protocol(format!(
+            "queue schema version {version} is newer than this wpf-gateway ({SCHEMA_VERSION})"
+        )));
+    }
+    // `sqlx::raw_sql` would run the script at once, but its futures are not `Send` in a
+    // spawned task (rust-lang/rust#102211); the statements are few, so run them one by one.
+    for statement in SCHEMA.split(';').map(str::trim).filter(|s| !s.is_empty()) {
+        sqlx::query(statement).execute(&mut *conn).await?;
+    }
+    sqlx::query(&format!("PRAGMA user_version = {SCHEMA_VERSION}"))
+        .execute(&mut *conn)
+        .await?;
+    Ok(())
+}
+
+/// A new job row waiting for the batch's INSERT.
+struct NewJob {
+    id: JobId,
+    delivery: Box<Delivery>,
+    fingerprint: u64,
+    at_ms: i64,
+}
+
+/// A merge waiting for the batch's UPDATE (several merges into one job collapse into one).
+struct Merge {
+    action: Action,
+    delivery: Box<Delivery>,
+    fingerprint: u64,
+    deliveries: i64,
+    at_ms: i64,
+}
+
+/// An answer to send once the batch's commit succeeded (or failed).
+type PendingReply = Box<dyn FnOnce(Result<(), QueueError>) + Send>;
+
+/// The writes and answers of one batch, applied on commit.
+#[derive(Default)]
+struct Batch {
+    inserts: Vec<NewJob>,
+    merges: HashMap<JobId, Merge>,
+    activity: Vec<Activity>,
+    replies: Vec<PendingReply>,
+    waiters: Vec<(JobId, oneshot::Sender<JobOutcome>)>,
+    outcomes: Vec<(JobId, Option<JobId>, Option<JobOutcome>)>,
+    close: Option<oneshot::Sender<()>>,
+}
+
+/// The writer task: the connection, plus the state the batch's commands change.
+struct Writer {
+    conn: SqliteConnection,
+    state: State,
+    /// Sync-mode answers waiting for a job's final outcome.
+    waiters: HashMap<JobId, Vec<oneshot::Sender<JobOutcome>>>,
+    path: PathBuf,
+}
+
+struct State {
+    index: Index,
+    next_id: i64,
+    config: QueueConfig,
+    /// Sites whose workers must be woken after the commit.
+    notify: HashSet<Arc<str>>,
+}
+
+impl Writer {
+    async fn run(
+        mut self,
+        mut inbox: mpsc::Receiver<Command>,
+        queue: std::sync::Weak<SqliteQueue>,
+    ) {
+        while let Some(first) = inbox.recv().await {
+            let mut commands = vec![first];
+            let deadline = tokio::time::Instant::now() + self.state.config.commit_window;
+            while commands.len() < MAX_BATCH {
+                match inbox.try_recv() {
+                    Ok(c) => commands.push(c),
+                    Err(_) if self.state.config.commit_window.is_zero() => break,
+                    Err(_) => match tokio::time::timeout_at(deadline, inbox.recv()).await {
+                        Ok(Some(c)) => commands.push(c),
+                        _ => break,
+                    },
+                }
+            }
+            if let Some(done) = self.apply(commands, &queue).await {
+                inbox.close();
+                while let Ok(c) = inbox.try_recv() {
+                    reject(c);
+                }
+                if let Err(e) = checkpoint(&mut self.conn).await {
+                    tracing::warn!(file = %self.path.display(), error = %e, "checkpoint on close failed");
+                }
+                let _ = done.send(());
+                return;
+            }
+        }
+    }
+
+    /// Apply one batch in one transaction, then answer; returns the Close request if any.
+    async fn apply(
+        &mut self,
+        commands: Vec<Command>,
+        queue: &std::sync::Weak<SqliteQueue>,
+    ) -> Option<oneshot::Sender<()>> {
+        let mut batch = Batch::default();
+        let result = apply_batch(&mut self.conn, &mut self.state, commands, &mut batch).await;
+        let close = batch.close.take();
+        match result {
+            Ok(()) => {
+                for reply in batch.replies {
+                    reply(Ok(()));
+                }
+                for (job, watcher) in batch.waiters {
+                    self.waiters.entry(job).or_default().push(watcher);
+                }
+                for (job, moved_to, outcome) in batch.outcomes {
+                    let waiting = self.waiters.remove(&job).unwrap_or_default();
+                    match (moved_to, outcome) {
+                        (Some(to), _) => self.waiters.entry(to).or_default().extend(waiting),
+                        (None, Some(outcome)) => {
+                            for w in waiting {
+                                let _ = w.send(outcome.clone());
+                            }
+                        }
+                        (None, None) => {}
+                    }
+                }
+                // Watchers whose webhook was answered already (sync timeout) are let go.
+                self.waiters.retain(|_, w| {
+                    w.retain(|tx| !tx.is_closed());
+                    !w.is_empty()
+                });
+                if let Some(queue) = queue.upgrade() {
+                    for site in self.state.notify.drain() {
+                        queue.notifier(&site).notify_waiters();
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::error!(file = %self.path.display(), error = %e, "queue commit failed");
+                let err = QueueError::Unavailable(e.to_string());
+                for reply in batch.replies {
+                    reply(Err(err.clone()));
+                }
+                self.state.notify.clear();
+                if let Err(e) = self.rebuild().await {
+                    tracing::error!(file = %self.path.display(), error = %e, "queue index rebuild failed");
+                }
+            }
+        }
+        close
+    }
+
+    /// Rebuild the index from the file: after open (jobs left `running` are pending by now)
+    /// and after a failed batch (its `running` jobs are still held by workers). Two pending
+    /// jobs of one contact (a job that ran when the gateway crashed, and a newer one) fold
+    /// into the newer.
+    async fn rebuild(&mut self) -> Result<(), sqlx::Error> {
+        let rows = sqlx::query(
+            "SELECT id, site, contact, action, state, next_run_at FROM jobs \
+             WHERE state IN ('pending', 'running') ORDER BY id",
+        )
+        .fetch_all(&mut self.conn)
+        .await?;
+        let mut index = Index::default();
+        let mut folds: Vec<(JobId, JobId, Action)> = Vec::new();
+        for row in rows {
+            let id = JobId(row.get(0));
+            let site: Arc<str> = Arc::from(row.get::<String, _>(1));
+            let contact: String = row.get(2);
+            let action = Action::from_wpf_action(row.get(3)).unwrap_or(Action::Update);
+            if row.get::<&str, _>(4) == "running" {
+                index.insert_running(&site, &contact, id);
+                continue;
+            }
+            if let Some((older, older_action)) = index.pending_of(&site, &contact) {
+                index.finish(&site, older);
+                folds.push((older, id, action.max(older_action)));
+            }
+            let merged = folds
+                .iter()
+                .filter(|(_, into, _)| *into == id)
+                .map(|(_, _, a)| *a)
+                .max()
+                .unwrap_or(action);
+            index.insert_pending(&site, &contact, id, merged, row.get(5), None);
+        }
+        if !folds.is_empty() {
+            let mut tx = self.conn.begin().await?;
+            for (older, into, action) in &folds {
+                fold_into(
+                    &mut tx,
+                    *older,
+                    *into,
+                    *action,
+                    now_ms(),
+                    "recovered after restart",
+                )
+                .await?;
+            }
+            tx.commit().await?;
+        }
+        let seq: i64 = sqlx::query_scalar(
+            "SELECT MAX(COALESCE((SELECT seq FROM sqlite_sequence WHERE name = 'jobs'), 0), \
+                        COALESCE((SELECT MAX(id) FROM jobs), 0))",
+        )
+        .fetch_one(&mut self.conn)
+        .await?;
+        self.state.index = index;
+        self.state.next_id = seq + 1;
+        Ok(())
+    }
+}
+
+/// One transaction: every command of the batch, then the staged writes, then commit.
+async fn apply_batch(
+    conn: &mut SqliteConnection,
+    state: &mut State,
+    commands: Vec<Command>,
+    batch: &mut Batch,
+) -> Result<(), sqlx::Error> {
+    let mut tx = conn.begin().await?;
+    for command in commands {
+        state.apply(command, batch, &mut tx).await?;
+    }
+    batch.flush(&mut tx).await?;
+    tx.commit().await
+}
+
+/// Job `older` is superseded by the contact's newer pending job `into`, which takes its
+/// action (merged) and its count of deliveries.
+async fn fold_into(
+    conn: &mut SqliteConnection,
+    older: JobId,
+    into: JobId,
+    action: Action,
+    now: i64,
+    why: &str,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "UPDATE jobs SET action = ?, updated_at = ?, \
+         deliveries = deliveries + (SELECT deliveries FROM jobs WHERE id = ?) WHERE id = ?",
+    )
+    .bind(action.as_str())
+    .bind(now)
+    .bind(older.0)
+    .bind(into.0)
+    .execute(&mut *conn)
+    .await?;
+    sqlx::query(
+        "UPDATE jobs SET state = 'done', result = ?, finished_at = ?, updated_at = ? WHERE id = ?",
+    )
+    .bind(format!("superseded by job {into} ({why})"))
+    .bind(now)
+    .bind(now)
+    .bind(older.0)
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
+}
+
+/// Fold the write-ahead log into the main file (on close, so the next start is quick).
+async fn checkpoint(conn: &mut SqliteConnection) -> Result<(), sqlx::Error> {
+    sqlx::query("PRAGMA wal_checkpoint(TRUNCATE)")
+        .execute(conn)
+        .await
+        .map(|_| ())
+}
+
+/// Answer a command that arrived after Close.
+fn reject(command: Command) {
+    match command {
+        Command::Admit { reply, .. } => {
+            let _ = reply.send(Err(closed()));
+        }
+        Command::Lease { reply, .. } => {
+            let _ = reply.send(Err(closed()));
+        }
+        Command::Finish { reply, .. } | Command::Lock { reply, .. } => {
+            let _ = reply.send(Err(closed()));
+        }
+        Command::Close(done) => {
+            let _ = done.send(());
+        }
+        Command::Record(_) | Command::Prune => {}
+    }
+}
+
+impl State {
+    async fn apply(
+        &mut self,
+        command: Command,
+        batch: &mut Batch,
+        tx: &mut SqliteConnection,
+    ) -> Result<(), sqlx::Error> {
+        let now = now_ms();
+        match command {
+            Command::Admit {
+                delivery,
+                dedupe_window,
+                watch,
+                reply,
+            } => self.admit(delivery, dedupe_window, watch, reply, batch, now),
+            Command::Lease { site, reply } => {
+                batch.flush(tx).await?;
+                let lease = self.lease(&site, now, tx).await?;
+                batch.reply(reply, lease);
+            }
+            Command::Finish {
+                site,
+                job,
+                action,
+                attempts,
+                received_at,
+                took,
+                how,
+                reply,
+            } => {
+                batch.flush(tx).await?;
+                let finished = Finished {
+                    site,
+                    job,
+                    action,
+                    attempts,
+                    received_at,
+                    took,
+                };
+                self.finish(finished, how, batch, tx, now).await?;
+                batch.reply(reply, ());
+            }
+            Command::Lock {
+                site,
+                contact,
+                until_ms,
+                reply,
+            } => {
+                sqlx::query(
+                    "INSERT INTO locks (site, contact, until_ms) VALUES (?, ?, ?) \
+                     ON CONFLICT (site, contact) DO UPDATE SET until_ms = excluded.until_ms",
+                )
+                .bind(&*site)
+                .bind(contact.as_str())
+                .bind(until_ms)
+                .execute(&mut *tx)
+                .await?;
+                batch.activity.push(Activity {
+                    at: SystemTime::now(),
+                    site,
+                    contact: Some(contact.as_str().to_owned()),
+                    action: Some("lock".into()),
+                    outcome: "lock",
+                    job: None,
+                    duration: None,
+                    detail: format!(
+                        "locked for {}",
+                        crate::config::format_duration(until(until_ms))
+                    ),
+                });
+                batch.reply(reply, ());
+            }
+            Command::Record(activity) => batch.activity.push(*activity),
+            Command::Prune => self.prune(tx, now).await?,
+            Command::Close(done) => batch.close = Some(done),
+        }
+        Ok(())
+    }
+
+    fn admit(
+        &mut self,
+        delivery: Box<Delivery>,
+        dedupe_window: Duration,
+        watch: Option<oneshot::Sender<JobOutcome>>,
+        reply: Reply<Admission>,
+        batch: &mut Batch,
+        now: i64,
+    ) {
+        let fp = fingerprint(&delivery);
+        let site = delivery.site.clone();
+        let contact = delivery.contact.as_str();
+        let decision = self.index.decide(
+            &site,
+            contact,
+            delivery.action,
+            fp,
+            now,
+            duration_ms(dedupe_window),
+        );
+        let (admission, outcome) = match decision {
+            Decision::New => {
+                if self.index.active() >= self.config.queue_max {
+                    let _ = reply.send(Err(QueueError::Full {
+                        retry_after: FULL_RETRY_AFTER,
+                    }));
+                    return;
+                }
+                let id = JobId(self.next_id);
+                self.next_id += 1;
+                self.index.insert_pending(
+                    &site,
+                    contact,
+                    id,
+                    delivery.action,
+                    now,
+                    Some((fp, now)),
+                );
+                self.notify.insert(site.clone());
+                (Admission::Queued { job: id }, "queued")
+            }
+            Decision::Merge { job, .. } => {
+                self.index.merge(&site, contact, delivery.action, (fp, now));
+                (Admission::Coalesced { job }, "coalesced")
+            }
+            Decision::Duplicate { job } => (Admission::Duplicate { job }, "duplicate"),
+        };
+        batch.activity.push(Activity {
+            at: from_ms(now),
+            site: site.clone(),
+            contact: Some(contact.to_owned()),
+            action: Some(delivery.action.as_str().to_owned()),
+            outcome,
+            job: Some(admission.job()),
+            duration: None,
+            detail: String::new(),
+        });
+        match admission {
+            Admission::Queued { job } => batch.inserts.push(NewJob {
+                id: job,
+                delivery,
+                fingerprint: fp,
+                at_ms: now,
+            }),
+            Admission::Coalesced { job } => {
+                let action = self
+                    .index
+                    .pending_of(&site, contact)
+                    .map_or(delivery.action, |(_, a)| a);
+                batch.stage_merge(job, action, delivery, fp, now);
+            }
+            Admission::Duplicate { .. } => {}
+        }
+        if let Some(watch) = watch {
+            batch.waiters.push((admission.job(), watch));
+        }
+        batch.reply(reply, admission);
+    }
+
+    async fn lease(
+        &mut self,
+        site: &Arc<str>,
+        now: i64,
+        tx: &mut SqliteConnection,
+    ) -> Result<Lease, sqlx::Error> {
+        loop {
+            let id = match self.index.lease(site, now) {
+                Ok(id) => id,
+                Err(next_due) => {
+                    let wait = next_due.map(|due| Duration::from_millis((due - now).max(0) as u64));
+                    return Ok(Lease::Idle(wait));
+                }
+            };
+            let row = sqlx::query(
+                "UPDATE jobs SET state = 'running', attempts = attempts + 1, updated_at = ? \
+                 WHERE id = ? AND state = 'pending' \
+                 RETURNING id, site, contact, action, role, send_notification, payload_tags, \
+                 method, target, content_type, body, client_ip, received_at, attempts, deliveries",
+            )
+            .bind(now)
+            .bind(id.0)
+            .fetch_optional(&mut *tx)
+            .await?;
+            match row.map(|r| job_from_row(&r)) {
+                Some(Ok(job)) => return Ok(Lease::Job(Box::new(job))),
+                Some(Err(reason)) => {
+                    // A row this gateway cannot read (edited by hand?): park it as failed.
+                    tracing::error!(job = %id, %reason, "unreadable job row, marked failed");
+                    sqlx::query(
+                        "UPDATE jobs SET state = 'failed', result = 'unreadable', last_error = ?, \
+                         finished_at = ? WHERE id = ?",
+                    )
+                    .bind(reason)
+                    .bind(now)
+                    .bind(id.0)
+                    .execute(&mut *tx)
+                    .await?;
+                    self.index.finish(site, id);
+                }
+                None => {
+                    tracing::error!(job = %id, "job in the index is not pending in the file");
+                    self.index.finish(site, id);
+                }
+            }
+        }
+    }
+
+    async fn finish(
+        &mut self,
+        f: Finished,
+        how: Finish,
+        batch: &mut Batch,
+        tx: &mut SqliteConnection,
+        now: i64,
+    ) -> Result<(), sqlx::Error> {
+        let Finished {
+            site,
+            job,
+            action,
+            attempts,
+            received_at,
+            took,
+        } = f;
+        let mut activity = Activity {
+            at: from_ms(now),
+            site: site.clone(),
+            contact: self.index.contact_of(&site, job).map(str::to_owned),
+            action: Some(action.as_str().to_owned()),
+            outcome: "done",
+            job: Some(job),
+            duration: Some(took),
+            detail: String::new(),
+        };
+        let (state, result, error, outcome) = match how {
+            Finish::Done { detail } => {
+                activity.detail = detail.clone();
+                ("done", detail.clone(), None, JobOutcome::Done { detail })
+            }
+            Finish::Failed { code, reason } => {
+                activity.outcome = "failed";
+                activity.detail = format!("{code}: {reason}");
+                let outcome = JobOutcome::Failed {
+                    code: code.clone(),
+                    reason: reason.clone(),
+                };
+                ("failed", code, Some(reason), outcome)
+            }
+            Finish::Retry {
+                reason,
+                retry_after,
+            } => {
+                let delay = retry_after.unwrap_or_else(|| self.backoff(attempts));
+                let due = now.saturating_add(duration_ms(delay));
+                let give_up_at =
+                    to_ms(received_at).saturating_add(duration_ms(self.config.retry_until));
+                if due <= give_up_at {
+                    activity.outcome = "retry";
+                    activity.detail = format!(
+                        "attempt {attempts} failed: {reason}; next in {}",
+                        crate::config::format_duration(delay)
+                    );
+                    batch.activity.push(activity);
+                    self.notify.insert(site.clone());
+                    return match self.index.requeue(&site, job, action, due) {
+                        Requeue::Pending => {
+                            sqlx::query(
+                                "UPDATE jobs SET state = 'pending', next_run_at = ?, \
+                                 last_error = ?, updated_at = ? WHERE id = ?",
+                            )
+                            .bind(due)
+                            .bind(reason)
+                            .bind(now)
+                            .bind(job.0)
+                            .execute(&mut *tx)
+                            .await?;
+                            Ok(())
+                        }
+                        Requeue::MergeInto { job: into, action } => {
+                            fold_into(tx, job, into, action, now, "newer delivery pending").await?;
+                            batch.outcomes.push((job, Some(into), None));
+                            Ok(())
+                        }
+                    };
+                }
+                activity.outcome = "dead";
+                activity.detail = format!("gave up after {attempts} attempts: {reason}");
+                let outcome = JobOutcome::Dead {
+                    reason: reason.clone(),
+                };
+                ("dead", "dead".to_owned(), Some(reason), outcome)
+            }
+        };
+        sqlx::query(
+            "UPDATE jobs SET state = ?, result = ?, last_error = COALESCE(?, last_error), \
+             finished_at = ?, updated_at = ? WHERE id = ?",
+        )
+        .bind(state)
+        .bind(result)
+        .bind(error)
+        .bind(now)
+        .bind(now)
+        .bind(job.0)
+        .execute(&mut *tx)
+        .await?;
+        if self.index.finish(&site, job).is_some() {
+            self.notify.insert(site);
+        }
+        batch.activity.push(activity);
+        batch.outcomes.push((job, None, Some(outcome)));
+        Ok(())
+    }
+
+    /// The delay before attempt `attempts + 1`: the schedule's entry (the last one repeats),
+    /// with ±20 % jitter so jobs that failed together do not retry together.
+    fn backoff(&self, attempts: u32) -> Duration {
+        let schedule = &self.config.retry_schedule;
+        let step = (attempts.max(1) - 1) as usize;
+        let base = schedule
+            .get(step.min(schedule.len().saturating_sub(1)))
+            .copied()
+            .unwrap_or(Duration::from_secs(60));
+        base.mul_f64(rand::rng().random_range(0.8..=1.2))
+    }
+
+    /// Delete finished jobs and activity older than `retention`, and expired locks. Dead
+    /// jobs stay until replayed or deleted by an admin.
+    async fn prune(&mut self, tx: &mut SqliteConnection, now: i64) -> Result<(), sqlx::Error> {
+        let before = now.saturating_sub(duration_ms(self.config.retention));
+        let jobs = sqlx::query(
+            "DELETE FROM jobs WHERE id IN (SELECT id FROM jobs WHERE finished_at < ? \
+             AND state IN ('done', 'failed') LIMIT ?)",
+        )
+        .bind(before)
+        .bind(PRUNE_CHUNK)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        let activity = sqlx::query(
+            "DELETE FROM activity WHERE id IN (SELECT id FROM activity WHERE at_ms < ? \
+             ORDER BY id LIMIT ?)",
+        )
+        .bind(before)
+        .bind(PRUNE_CHUNK)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        sqlx::query("DELETE FROM locks WHERE until_ms < ?")
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+        if jobs + activity > 0 {
+            tracing::debug!(jobs, activity, "pruned");
+        }
+        Ok(())
+    }
+}
+
+/// A finished job's identity, as the worker reported it.
+struct Finished {
+    site: Arc<str>,
+    job: JobId,
+    action: Action,
+    attempts: u32,
+    received_at: SystemTime,
+    took: Duration,
+}
+
+fn job_from_row(row: &sqlx::sqlite::SqliteRow) -> Result<Job, String> {
+    let contact: String = row.get("contact");
+    let action: String = row.get("action");
+    let tags: Option<String> = row.get("payload_tags");
+    let client_ip: String = row.get("client_ip");
+    let body: Vec<u8> = row.get("body");
+    Ok(Job {
+        id: JobId(row.get("id")),
+        site: Arc::from(row.get::<String, _>("site")),
+        contact: ContactId::parse(&contact).ok_or("bad contact id")?,
+        action: Action::from_wpf_action(&action).ok_or("bad action")?,
+        role: row.get("role"),
+        send_notification: row.get::<Option<bool>, _>("send_notification"),
+        payload_tags: tags
+            .map(|t| serde_json::from_str(&t))
+            .transpose()
+            .map_err(|e| format!("bad payload_tags: {e}"))?,
+        request: StoredRequest {
+            method: row.get("method"),
+            path_and_query: row.get("target"),
+            content_type: row.get("content_type"),
+            body: Bytes::from(body),
+            client_ip: client_ip.parse().map_err(|_| "bad client_ip")?,
+        },
+        received_at: from_ms(row.get("received_at")),
+        attempts: u32::try_from(row.get::<i64, _>("attempts")).unwrap_or(u32::MAX),
+        deliveries: u32::try_from(row.get::<i64, _>("deliveries")).unwrap_or(u32::MAX),
+    })
+}
+
+impl Batch {
+    /// Answer `reply` with `value` once the batch commits (or with its error).
+    fn reply<T: Send + 'static>(&mut self, reply: Reply<T>, value: T) {
+        self.replies.push(Box::new(move |result| {
+            let _ = reply.send(result.map(|()| value));
+        }));
+    }
+
+    /// Stage a merge into `job`; several merges into one job in a batch become one UPDATE.
+    fn stage_merge(
+        &mut self,
+        job: JobId,
+        action: Action,
+        delivery: Box<Delivery>,
+        fingerprint: u64,
+        at_ms: i64,
+    ) {
+        match self.merges.get_mut(&job) {
+            Some(m) => {
+                let older_role = m.delivery.role.take();
+                let older_notify = m.delivery.send_notification;
+                m.action = action;
+                m.delivery = delivery;
+                m.delivery.role = m.delivery.role.take().or(older_role);
+                m.delivery.send_notification = m.delivery.send_notification.or(older_notify);
+                m.fingerprint = fingerprint;
+                m.deliveries += 1;
+                m.at_ms = at_ms;
+            }
+            None => {
+                self.merges.insert(
+                    job,
+                    Merge {
+                        action,
+                        delivery,
+                        fingerprint,
+                        deliveries: 1,
+                        at_ms,
+                    },
+                );
+            }
+        }
+    }
+
+    /// Write the staged inserts, merges and activity lines.
+    async fn flush(&mut self, tx: &mut SqliteConnection) -> Result<(), sqlx::Error> {
+        for chunk in self.inserts.chunks(INSERT_CHUNK) {
+            let sql = multi_row_insert(
+                "INSERT INTO jobs (id, site, contact, action, role, send_notification, \
+                 payload_tags, method, target, content_type, body, client_ip, fingerprint, \
+                 deliveries, received_at, updated_at, next_run_at, state) VALUES ",
+                18,
+                chunk.len(),
+            );
+            let mut q = sqlx::query(&sql);
+            for j in chunk {
+                let d = &j.delivery;
+                q = q
+                    .bind(j.id.0)
+                    .bind(d.site.to_string())
+                    .bind(d.contact.as_str().to_owned())
+                    .bind(d.action.as_str())
+                    .bind(d.role.clone())
+                    .bind(d.send_notification)
+                    .bind(tags_json(&d.payload_tags))
+                    .bind(d.request.method.clone())
+                    .bind(d.request.path_and_query.clone())
+                    .bind(d.request.content_type.clone())
+                    .bind(d.request.body.to_vec())
+                    .bind(d.request.client_ip.to_string())
+                    .bind(j.fingerprint as i64)
+                    .bind(1_i64)
+                    .bind(to_ms(d.received_at))
+                    .bind(j.at_ms)
+                    .bind(j.at_ms)
+                    .bind("pending");
+            }
+            q.execute(&mut *tx).await?;
+        }
+        self.inserts.clear();
+        for (job, m) in self.merges.drain() {
+            let d = &m.delivery;
+            sqlx::query(
+                "UPDATE jobs SET action = ?, role = COALESCE(?, role), \
+                 send_notification = COALESCE(?, send_notification), payload_tags = ?, \
+                 method = ?, target = ?, content_type = ?, body = ?, client_ip = ?, \
+                 fingerprint = ?, deliveries = deliveries + ?, updated_at = ? WHERE id = ?",
+            )
+            .bind(m.action.as_str())
+            .bind(d.role.clone())
+            .bind(d.send_notification)
+            .bind(tags_json(&d.payload_tags))
+            .bind(d.request.method.clone())
+            .bind(d.request.path_and_query.clone())
+            .bind(d.request.content_type.clone())
+            .bind(d.request.body.to_vec())
+            .bind(d.request.client_ip.to_string())
+            .bind(m.fingerprint as i64)
+            .bind(m.deliveries)
+            .bind(m.at_ms)
+            .bind(job.0)
+            .execute(&mut *tx)
+            .await?;
+        }
+        for chunk in self.activity.chunks(INSERT_CHUNK) {
+            let sql = multi_row_insert(
+                "INSERT INTO activity (at_ms, site, contact, action, outcome, job, duration_ms, \
+                 detail) VALUES ",
+                8,
+                chunk.len(),
+            );
+            let mut q = sqlx::query(&sql);
+            for a in chunk {
+                q = q
+                    .bind(to_ms(a.at))
+                    .bind(a.site.to_string())
+                    .bind(a.contact.clone())
+                    .bind(a.action.clone())
+                    .bind(a.outcome)
+                    .bind(a.job.map(|j| j.0))
+                    .bind(a.duration.map(duration_ms))
+                    .bind(a.detail.clone());
+            }
+            q.execute(&mut *tx).await?;
+        }
+        self.activity.clear();
+        Ok(())
+    }
+}
+
+/// `head` followed by `rows` groups of `columns` placeholders: `(?, ?), (?, ?)`.
+fn multi_row_insert(head: &str, columns: usize, rows: usize) -> String {
+    let group = format!("({})", vec!["?"; columns].join(", "));
+    let mut sql = String::with_capacity(head.len() + rows * (group.len() + 2));
+    sql.push_str(head);
+    for i in 0..rows {
+        if i > 0 {
+            sql.push_str(", ");
+        }
+        sql.push_str(&group);
+    }
+    sql
+}
+
+fn tags_json(tags: &Option<Vec<String>>) -> Option<String> {
+    tags.as_ref()
+        .map(|t| serde_json::to_string(t).unwrap_or_else(|_| "[]".into()))
+}
