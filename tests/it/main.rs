@@ -3,6 +3,7 @@
 mod support;
 
 mod config;
+mod pipeline;
 mod proxy;
 mod server;
 mod smoke;
