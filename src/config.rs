@@ -1965,7 +1965,15 @@ pub fn render_resolved(config: &Config) -> String {
         ));
         line(format!("upstream_timeout = {}", dur(site.upstream_timeout)));
         line(format!("access_key = {MASK}"));
-        line(format!("mode = {}", q(mode_name(site.mode))));
+        let pending_note = match site.mode {
+            // Until the direct-mode processor lands (issue 5), nothing runs these jobs.
+            Mode::Direct => {
+                "  # NOTE: direct mode has no processor yet: webhooks are \
+                             queued durably and stay pending"
+            }
+            Mode::Relay => "",
+        };
+        line(format!("mode = {}{pending_note}", q(mode_name(site.mode))));
         line(format!("respond = {}", q(respond_name(site.respond))));
         line(format!("max_body = {}", q(&format_size(site.max_body))));
         line(format!("sync_timeout = {}", dur(site.sync_timeout)));

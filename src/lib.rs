@@ -135,15 +135,18 @@ fn start_workers(
     tracker: &tokio_util::task::TaskTracker,
     shutdown: &CancellationToken,
 ) -> Result<(), RunError> {
+    let accounts = pace::Accounts::default();
     for site in &config.sites {
         let processor: Arc<dyn worker::Processor> = match site.mode {
             config::Mode::Relay => {
-                Arc::new(relay::Relay::new(Arc::new(site.clone())).map_err(|error| {
+                let crm = site.crm.as_ref().map(|c| accounts.pacer(c));
+                let relay = relay::Relay::new(Arc::new(site.clone()), crm).map_err(|error| {
                     RunError::Relay {
                         site: site.name.clone(),
                         error,
                     }
-                })?)
+                })?;
+                Arc::new(relay)
             }
             config::Mode::Direct => {
                 tracing::warn!(

@@ -4,14 +4,15 @@
 //! configured rate, plus a pause that a `429`/`503` with `Retry-After` sets, so the whole
 //! account backs off for as long as the far side asked, not only the job that was told.
 
+use std::collections::HashMap;
 use std::num::NonZeroU32;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use tokio::time::Instant;
 
-use crate::config::Rate;
+use crate::config::{CrmConfig, Rate};
 
 /// Paces calls to one outbound account.
 pub struct Pacer {
@@ -68,6 +69,33 @@ impl Pacer {
         self.paused_until
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+/// One [`Pacer`] per CRM account, shared by every site (and every worker) that uses it: two
+/// sites on one ActiveCampaign account share its 5 requests/s.
+#[derive(Default)]
+pub struct Accounts {
+    pacers: Mutex<HashMap<String, Arc<Pacer>>>,
+}
+
+impl Accounts {
+    /// The pacer of the account `crm` names (kind, URL and user; the first site's rate wins).
+    pub fn pacer(&self, crm: &CrmConfig) -> Arc<Pacer> {
+        let account = format!(
+            "{:?} {} {}",
+            crm.kind,
+            crm.url,
+            crm.user.as_deref().unwrap_or("")
+        );
+        let mut pacers = self
+            .pacers
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        pacers
+            .entry(account)
+            .or_insert_with(|| Arc::new(Pacer::new(Some(crm.rate))))
+            .clone()
     }
 }
 

@@ -41,18 +41,23 @@ pub struct Relay {
     site: Arc<SiteConfig>,
     client: Client<Connector, Full<Bytes>>,
     slots: Semaphore,
-    pacer: Pacer,
+    /// The site's own `Retry-After` pauses (a `429`/`503` from the upstream).
+    site_pause: Pacer,
+    /// Each relayed webhook makes the site call its CRM: relay no faster than the account's
+    /// rate (when `[site.crm]` is configured), shared with other sites on that account.
+    crm: Option<Arc<Pacer>>,
 }
 
 impl Relay {
-    pub fn new(site: Arc<SiteConfig>) -> Result<Self, rustls::Error> {
+    pub fn new(site: Arc<SiteConfig>, crm: Option<Arc<Pacer>>) -> Result<Self, rustls::Error> {
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(90))
             .pool_timer(hyper_util::rt::TokioTimer::new())
             .build(upstream_connector(site.upstream_connect_timeout)?);
         Ok(Relay {
             slots: Semaphore::new(site.upstream_concurrency.max(1)),
-            pacer: Pacer::new(None),
+            site_pause: Pacer::new(None),
+            crm,
             client,
             site,
         })
@@ -69,7 +74,10 @@ impl Relay {
                 reason: "relay slots closed".into(),
                 retry_after: None,
             })?;
-        self.pacer.ready().await;
+        self.site_pause.ready().await;
+        if let Some(crm) = &self.crm {
+            crm.ready().await;
+        }
         let request = build_request(&self.site, job)?;
         let answer = tokio::time::timeout(self.site.upstream_timeout, self.client.request(request))
             .await
@@ -85,7 +93,7 @@ impl Relay {
         let retry_after = retry_after(answer.headers().get(RETRY_AFTER));
         if status == StatusCode::TOO_MANY_REQUESTS || status == StatusCode::SERVICE_UNAVAILABLE {
             if let Some(wait) = retry_after {
-                self.pacer.pause(wait);
+                self.site_pause.pause(wait);
             }
         }
         let body = Limited::new(answer.into_body(), ANSWER_SCAN_LIMIT)

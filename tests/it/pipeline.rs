@@ -477,3 +477,99 @@ async fn activity_outcomes(db: &std::path::Path, job: i64) -> Vec<String> {
         .await
         .unwrap()
 }
+
+#[tokio::test]
+async fn relay_keeps_to_the_crm_accounts_pace() {
+    let site = Site::start(Duration::ZERO, ok).await;
+    let gw = TestGateway::start(&relay_config(
+        &site.upstream.url(),
+        "workers = 4\nupstream_concurrency = 4\n[site.crm]\nkind = \"activecampaign\"\n\
+         url = \"http://127.0.0.1:9\"\napi_key = \"crm-api-key-1\"\nrate = \"5/s\"",
+        "",
+    ))
+    .await;
+    let client = client();
+    for i in 0..6 {
+        let (status, _) = webhook(&client, &gw.url(""), "update", &format!("p{i}"), "").await;
+        assert_eq!(status, StatusCode::ACCEPTED);
+    }
+    let seen = site
+        .wait_for(Duration::from_secs(5), |s| s.len() >= 6)
+        .await;
+    assert_eq!(seen.len(), 6);
+    // 5/s spaced evenly: 200 ms apart, so the six take at least a second.
+    let span = seen[5].started - seen[0].started;
+    assert!(span >= Duration::from_millis(950), "{span:?}");
+    for w in seen.windows(2) {
+        let gap = w[1].started - w[0].started;
+        assert!(gap >= Duration::from_millis(150), "{gap:?}");
+    }
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn a_corrupt_queue_file_stops_the_start_naming_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    std::fs::write(data.join("queue.sqlite3"), vec![0x5a_u8; 8192]).unwrap();
+    let text = format!(
+        "[server]\nlisten = [\"127.0.0.1:0\"]\ndata_dir = \"{}\"\n[[site]]\nname = \"main\"\n\
+         upstream = \"http://127.0.0.1:9\"\naccess_key = \"{KEY}\"\n",
+        data.display()
+    );
+    let path = dir.path().join("gateway.toml");
+    std::fs::write(&path, text).unwrap();
+    let config = wpf_gateway::config::load(&path).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let listeners = wpf_gateway::Listeners {
+        http: vec![listener],
+    };
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let result = tokio::time::timeout(
+        Duration::from_secs(5),
+        wpf_gateway::run(config, listeners, shutdown),
+    )
+    .await
+    .expect("run returns at once");
+    let message = result
+        .expect_err("a corrupt queue must refuse to start")
+        .to_string();
+    assert!(message.contains("queue.sqlite3"), "{message}");
+    assert!(message.contains("not a database"), "{message}");
+}
+
+#[tokio::test]
+async fn a_second_gateway_on_the_same_data_dir_is_refused() {
+    let site = Site::start(Duration::ZERO, ok).await;
+    let gw = TestGateway::start(&relay_config(&site.upstream.url(), "", "")).await;
+    // The first gateway serves (so its queue is open) before the second one starts.
+    let (status, _) = webhook(&client(), &gw.url(""), "test", "1", "").await;
+    assert_eq!(status, StatusCode::OK);
+    let text = relay_config(&site.upstream.url(), "", "")
+        .replace("{data_dir}", &gw.dir.path().display().to_string());
+    let path = gw.dir.path().join("second.toml");
+    std::fs::write(&path, text).unwrap();
+    let config = wpf_gateway::config::load(&path).unwrap();
+    let listeners = wpf_gateway::Listeners {
+        http: vec![tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap()],
+    };
+    let result = tokio::time::timeout(
+        Duration::from_secs(5),
+        wpf_gateway::run(
+            config,
+            listeners,
+            tokio_util::sync::CancellationToken::new(),
+        ),
+    )
+    .await
+    .expect("run returns at once");
+    let message = result
+        .expect_err("second gateway must not start")
+        .to_string();
+    assert!(
+        message.contains("in use by another wpf-gateway"),
+        "{message}"
+    );
+    gw.stop().await;
+}
