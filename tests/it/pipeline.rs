@@ -573,3 +573,87 @@ async fn a_second_gateway_on_the_same_data_dir_is_refused() {
     );
     gw.stop().await;
 }
+
+/// A full disk: webhooks get `503 queue_unavailable` (never a 202 for a job that is not on
+/// disk), the site still browses, and once space is back webhooks are accepted again. Needs
+/// root to mount a small tmpfs; skipped (with a note) otherwise.
+#[tokio::test]
+async fn a_full_disk_answers_503_and_keeps_serving_the_site() {
+    let mount = tempfile::tempdir().unwrap();
+    let mounted = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=2m", "tmpfs"])
+        .arg(mount.path())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !mounted {
+        eprintln!("skipped: cannot mount a tmpfs here (not root?)");
+        return;
+    }
+    struct Unmount(std::path::PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount")
+                .arg("-l")
+                .arg(&self.0)
+                .status();
+        }
+    }
+    let _unmount = Unmount(mount.path().to_owned());
+    let site = Site::start(Duration::ZERO, ok).await;
+    let data = mount.path().join("data");
+    // Direct mode has no processor yet, so accepted jobs stay in the queue and fill the disk.
+    let config = relay_config(
+        &site.upstream.url(),
+        "max_body = \"64KiB\"\n[site.crm]\nkind = \"activecampaign\"\n\
+         url = \"http://127.0.0.1:9\"\napi_key = \"crm-api-key-1\"",
+        "",
+    )
+    .replace("mode = \"relay\"", "mode = \"direct\"")
+    .replace("{data_dir}", &data.display().to_string());
+    let filler = mount.path().join("filler");
+    std::fs::write(&filler, vec![0u8; 1024 * 1024]).unwrap();
+    let gw = TestGateway::start(&config).await;
+    let client = client();
+    let big = "x".repeat(60 * 1024);
+    let mut accepted = Vec::new();
+    let mut refused = None;
+    for i in 0..200 {
+        let (status, json) = webhook(&client, &gw.url(""), "update", &format!("d{i}"), &big).await;
+        match status {
+            StatusCode::ACCEPTED => accepted.push(json["job"].as_i64().unwrap()),
+            StatusCode::SERVICE_UNAVAILABLE => {
+                refused = Some(json);
+                break;
+            }
+            other => panic!("unexpected {other}: {json}"),
+        }
+    }
+    let refused = refused.expect("a 2 MiB disk must fill up");
+    assert_eq!(refused["error"], "queue_unavailable", "{refused}");
+    assert!(!accepted.is_empty());
+    // Pass-through is unaffected.
+    let resp = client
+        .request(
+            Request::get(gw.url("/page"))
+                .body(Full::new(Bytes::new()))
+                .unwrap(),
+        )
+        .await;
+    assert_eq!(resp.expect("pass-through answer").status(), StatusCode::OK);
+    // Every 202 is on disk.
+    let mut conn = open_db(&data.join("queue.sqlite3")).await;
+    for job in &accepted {
+        let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM jobs WHERE id = ?")
+            .bind(job)
+            .fetch_one(&mut conn)
+            .await
+            .unwrap();
+        assert_eq!(n, 1, "job {job} was acknowledged but is not stored");
+    }
+    drop(conn);
+    // Space is back: webhooks are accepted again.
+    std::fs::remove_file(&filler).unwrap();
+    let (status, json) = webhook(&client, &gw.url(""), "update", "after", "a").await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{json}");
+    gw.stop().await;
+}
