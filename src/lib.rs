@@ -14,6 +14,7 @@ pub mod proxy;
 pub mod queue;
 pub mod route;
 pub mod server;
+pub mod tls;
 pub mod webhook;
 
 use std::sync::Arc;
