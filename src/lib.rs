@@ -192,9 +192,9 @@ pub async fn run_with(
     if let Some(requests) = options.reload {
         tokio::spawn(answer_reloads(requests, certs.clone(), helpers.clone()));
     }
-    tokio::spawn(systemd::feed_watchdog(helpers.clone()));
 
     systemd::ready();
+    tokio::spawn(systemd::feed_watchdog(helpers.clone()));
     let serving = server::serve(&config, gateway.clone(), served, shutdown.clone());
     tokio::pin!(serving);
     tokio::select! {

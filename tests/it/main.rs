@@ -6,4 +6,5 @@ mod config;
 mod proxy;
 mod server;
 mod smoke;
+mod systemd;
 mod tls;

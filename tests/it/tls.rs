@@ -500,30 +500,30 @@ async fn a_silent_client_is_dropped_at_the_handshake_timeout_without_blocking_ot
     let pki = Pki::new();
     pki.write("a", &pki.issue(&["a.test"]));
     let gw = TestGateway::start_with(&pki.config(&upstream.url(), &["a"], None), |c| {
-        c.server.header_read_timeout = Duration::from_millis(400);
+        c.server.header_read_timeout = Duration::from_millis(1500);
     })
     .await;
     let addr = tls_addr(&gw);
     let mut silent = TcpStream::connect(addr).await.unwrap();
     let started = Instant::now();
 
-    // Meanwhile other clients complete their handshakes at once.
+    // Meanwhile other clients complete their handshakes: the silent one holds up nothing.
     let quick = Instant::now();
     let stream = connect(addr, "a.test", &pki.connector(&[b"http/1.1"]))
         .await
         .unwrap();
     assert!(
-        quick.elapsed() < Duration::from_millis(350),
+        quick.elapsed() < Duration::from_millis(1200),
         "{:?}",
         quick.elapsed()
     );
     drop(stream);
 
     let mut out = Vec::new();
-    let closed = tokio::time::timeout(Duration::from_secs(4), silent.read_to_end(&mut out)).await;
+    let closed = tokio::time::timeout(Duration::from_secs(6), silent.read_to_end(&mut out)).await;
     let elapsed = started.elapsed();
-    assert!(closed.is_ok(), "silent connection still open after 4 s");
-    assert!(elapsed >= Duration::from_millis(350), "{elapsed:?}");
+    assert!(closed.is_ok(), "silent connection still open after 6 s");
+    assert!(elapsed >= Duration::from_millis(1400), "{elapsed:?}");
     assert!(out.is_empty(), "{out:?}");
     assert_eq!(gw.tls_stats.handshake_failures.load(Ordering::Relaxed), 1);
 
