@@ -53,6 +53,7 @@ pub struct Config {
     /// The file this configuration was read from (for messages and reload).
     pub source: PathBuf,
     pub server: ServerConfig,
+    pub tls: TlsConfig,
     pub admin: AdminConfig,
     pub log: LogConfig,
     pub queue: QueueConfig,
@@ -150,6 +151,27 @@ pub struct ServerConfig {
     pub shutdown_grace: Duration,
     /// Forwarding headers (`X-Forwarded-*`) are trusted only from these networks.
     pub trusted_proxies: Vec<IpNet>,
+}
+
+/// HTTPS listeners and their certificates (`[tls]`, `[[tls.cert]]`). Empty without `[tls]`.
+#[derive(Debug, Clone, Default)]
+pub struct TlsConfig {
+    /// HTTPS listeners. Not empty when `certs` is not, and the other way round.
+    pub listen: Vec<SocketAddr>,
+    /// Certificates, chosen per handshake by SNI; exactly one is the default.
+    pub certs: Vec<CertConfig>,
+}
+
+/// One certificate (`[[tls.cert]]`): PEM files, resolved against the config file's directory.
+/// Validation read both and checked that the key belongs to the chain's first certificate.
+#[derive(Debug, Clone)]
+pub struct CertConfig {
+    /// The server's certificate first, then intermediates (`fullchain.pem`).
+    pub chain: PathBuf,
+    /// Its private key (PKCS#8, PKCS#1 RSA or SEC1 EC, unencrypted).
+    pub key: PathBuf,
+    /// Served when SNI is absent or names no certificate.
+    pub default: bool,
 }
 
 /// The admin listener (`[admin]`).
@@ -535,6 +557,7 @@ mod raw {
     #[serde(deny_unknown_fields)]
     pub(super) struct RawConfig {
         pub server: Opt<RawServer>,
+        pub tls: Opt<RawTls>,
         pub admin: Opt<RawAdmin>,
         pub log: Opt<RawLog>,
         pub queue: Opt<RawQueue>,
@@ -552,6 +575,21 @@ mod raw {
         pub max_header_size: Opt<Size>,
         pub shutdown_grace: Opt<Dur>,
         pub trusted_proxies: Opt<Vec<Spanned<String>>>,
+    }
+
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub(super) struct RawTls {
+        pub listen: Opt<Vec<Spanned<String>>>,
+        pub cert: Option<Vec<Spanned<RawCert>>>,
+    }
+
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub(super) struct RawCert {
+        pub chain: Opt<String>,
+        pub key: Opt<String>,
+        pub default: Opt<bool>,
     }
 
     #[derive(Deserialize)]
@@ -890,7 +928,7 @@ mod validate {
 
     use super::raw::{
         Count, Dur, Opt, RawAdmin, RawConfig, RawCrm, RawLimits, RawLog, RawQueue, RawServer,
-        RawSite, RawStore, Size, StoreKind,
+        RawSite, RawStore, RawTls, Size, StoreKind,
     };
     use super::*;
 
@@ -1060,14 +1098,22 @@ mod validate {
             .unwrap_or(Path::new("."))
             .to_path_buf();
         let mut cx = Ctx { report, base_dir };
-        let server = server(&mut cx, raw.server);
+        // HTTPS alone is a complete setup: then [server] listen may be left out.
+        let serves_https = raw
+            .tls
+            .as_ref()
+            .and_then(|t| t.get_ref().listen.as_ref())
+            .is_some_and(|l| !l.get_ref().is_empty());
+        let server = server(&mut cx, raw.server, serves_https);
         let admin = admin(&mut cx, raw.admin, &server);
+        let tls = tls(&mut cx, raw.tls, &server, &admin);
         let log = log(&mut cx, raw.log);
         let queue = queue(&mut cx, raw.queue);
         let sites = sites(&mut cx, raw.site);
         Some(Config {
             source: path.to_owned(),
             server,
+            tls,
             admin,
             log,
             queue,
@@ -1084,20 +1130,24 @@ mod validate {
         })
     }
 
-    fn server(cx: &mut Ctx<'_>, raw: Opt<RawServer>) -> ServerConfig {
+    fn server(cx: &mut Ctx<'_>, raw: Opt<RawServer>, serves_https: bool) -> ServerConfig {
         let (offset, s) = match raw {
             Some(s) => (s.span().start, s.into_inner()),
             None => {
-                cx.missing(
-                    0,
-                    "server",
-                    "missing [server] table (with listen = [\"IP:PORT\"])",
-                );
+                if !serves_https {
+                    cx.missing(
+                        0,
+                        "server",
+                        "missing [server] table (with listen = [\"IP:PORT\"])",
+                    );
+                }
                 (0, empty_server())
             }
         };
         let mut listen = Vec::new();
         match &s.listen {
+            None if serves_https => {}
+            Some(list) if serves_https && list.get_ref().is_empty() => {}
             None => cx.missing(
                 offset,
                 "server.listen",
@@ -1277,6 +1327,127 @@ mod validate {
                 }
             });
         AdminConfig { listen, token_file }
+    }
+
+    fn tls(
+        cx: &mut Ctx<'_>,
+        raw: Opt<RawTls>,
+        server: &ServerConfig,
+        admin: &AdminConfig,
+    ) -> TlsConfig {
+        let Some(raw) = raw else {
+            return TlsConfig::default();
+        };
+        let offset = raw.span().start;
+        let t = raw.into_inner();
+        let mut listen = Vec::new();
+        match &t.listen {
+            None => cx.missing(
+                offset,
+                "tls.listen",
+                "missing: the addresses to serve HTTPS on, like [\"0.0.0.0:443\"]",
+            ),
+            Some(list) if list.get_ref().is_empty() => cx.problem(
+                list,
+                "tls.listen",
+                "is empty: give at least one address like \"0.0.0.0:443\", or remove [tls]",
+            ),
+            Some(list) => {
+                for (i, item) in list.get_ref().iter().enumerate() {
+                    let key = format!("tls.listen[{i}]");
+                    match socket_addr(item.get_ref()) {
+                        Err(m) => cx.problem(item, &key, m),
+                        // Port 0 (tests) binds a fresh port each time: never a clash.
+                        Ok(addr) if addr.port() == 0 => listen.push(addr),
+                        Ok(addr) if listen.contains(&addr) => {
+                            cx.problem(item, &key, format!("{addr} is listed twice"))
+                        }
+                        Ok(addr) if server.listen.contains(&addr) => {
+                            cx.problem(item, &key, format!("{addr} is also in server.listen"))
+                        }
+                        Ok(addr) if admin.listen == Some(addr) => {
+                            cx.problem(item, &key, format!("{addr} is also admin.listen"))
+                        }
+                        Ok(addr) => listen.push(addr),
+                    }
+                }
+            }
+        }
+        let raw_certs = t.cert.unwrap_or_default();
+        if raw_certs.is_empty() {
+            cx.missing(
+                offset,
+                "tls.cert",
+                "no [[tls.cert]]: HTTPS needs at least one certificate (chain and key)",
+            );
+        }
+        let mut certs = Vec::new();
+        let mut default: Option<usize> = None;
+        for (i, c) in raw_certs.into_iter().enumerate() {
+            let c_offset = c.span().start;
+            let prefix = format!("tls.cert[{i}]");
+            let c = c.into_inner();
+            let path = |cx: &mut Ctx<'_>, field: &Opt<String>, name: &str, what: &str| {
+                let key = format!("{prefix}.{name}");
+                match field {
+                    None => {
+                        cx.missing(c_offset, &key, format!("missing: {what}"));
+                        None
+                    }
+                    Some(p) if p.get_ref().is_empty() => {
+                        cx.problem(p, &key, format!("is empty; expected {what}"));
+                        None
+                    }
+                    Some(p) => Some(cx.resolve(p.get_ref())),
+                }
+            };
+            let chain = path(
+                cx,
+                &c.chain,
+                "chain",
+                "the PEM certificate chain file, server certificate first, like \"fullchain.pem\"",
+            );
+            let key = path(
+                cx,
+                &c.key,
+                "key",
+                "the PEM private key file, like \"privkey.pem\"",
+            );
+            let is_default = c.default.as_ref().is_some_and(|d| *d.get_ref());
+            if let Some(d) = c.default.as_ref().filter(|_| is_default) {
+                match default {
+                    Some(first) => cx.problem(
+                        d,
+                        &format!("{prefix}.default"),
+                        format!("tls.cert[{first}] is already the default; only one can be"),
+                    ),
+                    None => default = Some(i),
+                }
+            }
+            let (Some(chain), Some(key)) = (chain, key) else {
+                continue;
+            };
+            if let Err(e) = crate::tls::load_cert(&chain, &key) {
+                let (at, name) = match e.file() {
+                    crate::tls::CertFile::Chain => (&c.chain, "chain"),
+                    crate::tls::CertFile::Key => (&c.key, "key"),
+                };
+                let at = at.as_ref().map_or(c_offset, |p| p.span().start);
+                cx.report.add(at, format!("{prefix}.{name}"), e.to_string());
+            }
+            certs.push(CertConfig {
+                chain,
+                key,
+                default: is_default,
+            });
+        }
+        // Without an explicit default, the first certificate is it.
+        if default.is_none() {
+            if let Some(first) = certs.first_mut() {
+                first.default = true;
+            }
+        }
+        TlsConfig { listen, certs }
     }
 
     fn log(cx: &mut Ctx<'_>, raw: Opt<RawLog>) -> LogConfig {
@@ -1913,6 +2084,24 @@ pub fn render_resolved(config: &Config) -> String {
                 .collect()
         )
     ));
+
+    let t = &config.tls;
+    if t.listen.is_empty() && t.certs.is_empty() {
+        line("\n# [tls]: not set, no HTTPS listener".into());
+    } else {
+        line("\n[tls]".into());
+        line(format!(
+            "listen = {}",
+            list(t.listen.iter().map(|a| q(&a.to_string())).collect())
+        ));
+        for cert in &t.certs {
+            // Paths only: the key file's contents never leave it.
+            line("\n[[tls.cert]]".into());
+            line(format!("chain = {}", path(&cert.chain)));
+            line(format!("key = {}", path(&cert.key)));
+            line(format!("default = {}", cert.default));
+        }
+    }
 
     let a = &config.admin;
     line("\n[admin]".into());
@@ -2728,6 +2917,146 @@ table_prefix = "wpx_"
         assert_eq!(site["store"]["url"].as_str(), Some("***"));
         assert_eq!(table["queue"]["retention"].as_str(), Some("7d"));
         assert_eq!(table["server"]["max_header_size"].as_str(), Some("64KiB"));
+    }
+
+    /// A directory holding `a.pem`/`a.key` (a.test) and `b.pem`/`b.key` (b.test).
+    fn tls_files() -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        for name in ["a", "b"] {
+            let key = rcgen::KeyPair::generate().unwrap();
+            let cert = rcgen::CertificateParams::new(vec![format!("{name}.test")])
+                .unwrap()
+                .self_signed(&key)
+                .unwrap();
+            std::fs::write(dir.path().join(format!("{name}.pem")), cert.pem()).unwrap();
+            std::fs::write(dir.path().join(format!("{name}.key")), key.serialize_pem()).unwrap();
+        }
+        dir
+    }
+
+    #[test]
+    fn tls_is_read_with_paths_relative_to_the_file() {
+        let dir = tls_files();
+        let text = format!(
+            "{MINIMAL}[tls]\nlisten = [\"127.0.0.1:8443\"]\n[[tls.cert]]\nchain = \"a.pem\"\nkey = \"a.key\"\n[[tls.cert]]\nchain = \"b.pem\"\nkey = \"b.key\"\ndefault = true\n"
+        );
+        let c = parse(&text, &dir.path().join("gw.toml")).unwrap();
+        assert_eq!(c.tls.listen, vec!["127.0.0.1:8443".parse().unwrap()]);
+        assert_eq!(c.tls.certs.len(), 2);
+        assert_eq!(c.tls.certs[0].chain, dir.path().join("a.pem"));
+        assert_eq!(c.tls.certs[1].key, dir.path().join("b.key"));
+        assert!(!c.tls.certs[0].default && c.tls.certs[1].default);
+        // Without `default`, the first is.
+        let c = parse(
+            &text.replace("default = true\n", ""),
+            &dir.path().join("gw.toml"),
+        )
+        .unwrap();
+        assert!(c.tls.certs[0].default && !c.tls.certs[1].default);
+        // HTTPS alone needs no [server] listen.
+        let https_only = text.replace("listen = [\"127.0.0.1:8080\"]\n", "");
+        let c = parse(&https_only, &dir.path().join("gw.toml")).unwrap();
+        assert!(c.server.listen.is_empty());
+        // Rendered: paths, never what is in them.
+        let shown = render_resolved(&c);
+        let key_text = std::fs::read_to_string(dir.path().join("a.key")).unwrap();
+        assert!(!shown.contains(key_text.lines().nth(1).unwrap()), "{shown}");
+        let table: toml::Table = toml::from_str(&shown).expect("rendered text is TOML");
+        let certs = table["tls"]["cert"].as_array().unwrap();
+        assert_eq!(
+            certs[0]["key"].as_str(),
+            Some(dir.path().join("a.key").to_str().unwrap())
+        );
+        assert_eq!(certs[1]["default"].as_bool(), Some(true));
+        assert!(render_resolved(&parse_text(MINIMAL).unwrap()).contains("# [tls]: not set"));
+    }
+
+    #[test]
+    fn tls_rules() {
+        let dir = tls_files();
+        let tls_problems = |tls: &str| {
+            let text = format!("{MINIMAL}{tls}");
+            match parse(&text, &dir.path().join("gw.toml")) {
+                Ok(_) => Vec::new(),
+                Err(e) => e
+                    .problems
+                    .iter()
+                    .map(|p| format!("{}: {}: {}", p.line, p.key, p.message))
+                    .collect::<Vec<_>>(),
+            }
+        };
+        let has = |found: Vec<String>, prefix: &str| {
+            assert!(
+                found.iter().any(|p| p.starts_with(prefix)),
+                "no problem starting with {prefix:?} in {found:#?}"
+            );
+        };
+        let cert = |chain: &str, key: &str| {
+            format!("[[tls.cert]]\nchain = \"{chain}\"\nkey = \"{key}\"\n")
+        };
+        let listen = "[tls]\nlisten = [\"127.0.0.1:8443\"]\n";
+        assert!(tls_problems(&format!("{listen}{}", cert("a.pem", "a.key"))).is_empty());
+        has(
+            tls_problems(listen),
+            "9: tls.cert: no [[tls.cert]]: HTTPS needs at least one certificate",
+        );
+        has(
+            tls_problems(&format!("[tls]\n{}", cert("a.pem", "a.key"))),
+            "9: tls.listen: missing: the addresses to serve HTTPS on",
+        );
+        has(
+            tls_problems(&format!("{listen}{}", cert("missing.pem", "a.key"))),
+            &format!(
+                "12: tls.cert[0].chain: cannot read {}",
+                dir.path().join("missing.pem").display()
+            ),
+        );
+        has(
+            tls_problems(&format!("{listen}{}", cert("a.pem", "b.key"))),
+            &format!(
+                "13: tls.cert[0].key: {}: the private key does not belong to the first certificate",
+                dir.path().join("b.key").display()
+            ),
+        );
+        has(
+            tls_problems(&format!("{listen}{}", cert("a.key", "a.key"))),
+            "12: tls.cert[0].chain:",
+        );
+        has(
+            tls_problems(&format!("{listen}{}", cert("a.pem", "a.pem"))),
+            "13: tls.cert[0].key:",
+        );
+        has(
+            tls_problems(&format!("{listen}[[tls.cert]]\nkey = \"a.key\"\n")),
+            "11: tls.cert[0].chain: missing:",
+        );
+        let two_defaults = format!(
+            "{listen}{}default = true\n{}default = true\n",
+            cert("a.pem", "a.key"),
+            cert("b.pem", "b.key")
+        );
+        has(
+            tls_problems(&two_defaults),
+            "18: tls.cert[1].default: tls.cert[0] is already the default",
+        );
+        has(
+            tls_problems(&format!(
+                "[tls]\nlisten = [\"127.0.0.1:8080\"]\n{}",
+                cert("a.pem", "a.key")
+            )),
+            "10: tls.listen[0]: 127.0.0.1:8080 is also in server.listen",
+        );
+        has(
+            tls_problems(&format!("[tls]\nlisten = []\n{}", cert("a.pem", "a.key"))),
+            "10: tls.listen: is empty",
+        );
+        has(
+            tls_problems(&format!(
+                "{listen}{}chian = \"x\"\n",
+                cert("a.pem", "a.key")
+            )),
+            "14: tls.cert[0].chian: unknown key `chian`",
+        );
     }
 
     #[test]

@@ -4,10 +4,12 @@
 //! [`run`] wires the stages together, in the order a request meets them:
 //!
 //! ```text
-//! server (accept, limits, timeouts) -> route (Host -> site) -> webhook? -> webhook front door
-//!                                                             \-> no   -> proxy (upstream)
+//! server (accept, TLS, limits, timeouts) -> route (Host -> site) -> webhook? -> front door
+//!                                                                  \-> no   -> proxy (upstream)
 //! webhook front door -> queue (SQLite, group commit) -> workers -> relay (to the upstream)
 //! ```
+//!
+//! Around it: `tls` (certificates by SNI, hot reload), `systemd` (readiness, watchdog).
 #![forbid(unsafe_code)]
 
 pub mod config;
@@ -17,6 +19,8 @@ pub mod queue;
 pub mod relay;
 pub mod route;
 pub mod server;
+pub mod systemd;
+pub mod tls;
 pub mod webhook;
 pub mod worker;
 
@@ -25,6 +29,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use http_body_util::combinators::BoxBody;
 use tokio::net::TcpListener;
+use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 pub use config::Config;
@@ -38,6 +43,8 @@ pub type Body = BoxBody<Bytes, BoxError>;
 pub struct Listeners {
     /// Plain HTTP listeners, one per `server.listen` address.
     pub http: Vec<TcpListener>,
+    /// HTTPS listeners, one per `tls.listen` address.
+    pub tls: Vec<TcpListener>,
 }
 
 impl Listeners {
@@ -47,7 +54,11 @@ impl Listeners {
         for addr in &config.server.listen {
             http.push(TcpListener::bind(addr).await?);
         }
-        Ok(Listeners { http })
+        let mut tls = Vec::new();
+        for addr in &config.tls.listen {
+            tls.push(TcpListener::bind(addr).await?);
+        }
+        Ok(Listeners { http, tls })
     }
 }
 
@@ -62,6 +73,8 @@ pub enum RunError {
     Queue(#[from] queue::QueueError),
     #[error("relay for site {site}: {error}")]
     Relay { site: String, error: rustls::Error },
+    #[error("tls: {0}")]
+    Tls(#[from] tls::LoadError),
 }
 
 /// Everything a request needs, shared by all connections.
@@ -69,6 +82,8 @@ pub struct Gateway {
     pub router: route::Router,
     pub proxy: proxy::Proxy,
     pub front_door: Arc<webhook::FrontDoor>,
+    /// TLS handshakes and failures, counted by the server stage.
+    pub tls_stats: Arc<tls::TlsStats>,
 }
 
 impl Gateway {
@@ -77,19 +92,84 @@ impl Gateway {
             router: route::Router::new(&config.sites),
             proxy: proxy::Proxy::new(config)?,
             front_door: Arc::new(webhook::FrontDoor::new(config, queue)),
+            tls_stats: Arc::default(),
         })
     }
 }
 
+/// Why a reload did not (entirely) happen. What did reload stays reloaded.
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    /// These certificates kept their previous version.
+    #[error("certificates: {0}")]
+    Certificates(#[from] tls::ReloadError),
+    #[error("the gateway is not running")]
+    NotRunning,
+}
+
+type ReloadReply = oneshot::Sender<Result<(), ReloadError>>;
+
+/// Asks a running gateway to reload, as SIGHUP does: certificates are read again; new
+/// handshakes use them, open connections are untouched. Cheap to clone.
+#[derive(Clone)]
+pub struct ReloadHandle(mpsc::Sender<ReloadReply>);
+
+/// The gateway's end of a [`ReloadHandle`]: give it to [`run_with`] in [`RunOptions`].
+pub struct ReloadRequests(mpsc::Receiver<ReloadReply>);
+
+/// A connected [`ReloadHandle`] and [`ReloadRequests`].
+pub fn reload_channel() -> (ReloadHandle, ReloadRequests) {
+    let (tx, rx) = mpsc::channel(8);
+    (ReloadHandle(tx), ReloadRequests(rx))
+}
+
+impl ReloadHandle {
+    /// Reload and wait for the outcome. Failures are also logged by the gateway, each naming
+    /// its file.
+    pub async fn reload(&self) -> Result<(), ReloadError> {
+        let (reply, outcome) = oneshot::channel();
+        self.0
+            .send(reply)
+            .await
+            .map_err(|_| ReloadError::NotRunning)?;
+        outcome.await.map_err(|_| ReloadError::NotRunning)?
+    }
+}
+
+/// What [`run_with`] takes besides the config, the sockets and the stop signal.
+#[derive(Default)]
+pub struct RunOptions {
+    /// Reload requests (SIGHUP in `main`). `None`: reload only when certificate files change.
+    pub reload: Option<ReloadRequests>,
+    /// TLS handshake counters; keep a clone to read them while the gateway runs.
+    pub tls_stats: Arc<tls::TlsStats>,
+}
+
 /// Serve until `shutdown` is cancelled, then drain in-flight requests for up to
-/// `server.shutdown_grace` and return.
+/// `server.shutdown_grace` and return. [`run_with`] with default options.
 pub async fn run(
     config: Config,
     listeners: Listeners,
     shutdown: CancellationToken,
 ) -> Result<(), RunError> {
+    run_with(config, listeners, shutdown, RunOptions::default()).await
+}
+
+/// Serve like [`run`], answering reload requests and counting TLS handshakes into
+/// `options.tls_stats`.
+///
+/// Start-up order: gateway stages, certificates, then systemd `READY=1` just before
+/// serving; `STOPPING=1` when `shutdown` fires.
+pub async fn run_with(
+    config: Config,
+    listeners: Listeners,
+    shutdown: CancellationToken,
+    options: RunOptions,
+) -> Result<(), RunError> {
     let queue = queue::SqliteQueue::open(&config.server.data_dir, &config.queue).await?;
-    let gateway = Arc::new(Gateway::new(&config, queue.clone())?);
+    let mut gateway = Gateway::new(&config, queue.clone())?;
+    gateway.tls_stats = options.tls_stats;
+    let gateway = Arc::new(gateway);
     let background = tokio_util::task::TaskTracker::new();
     let stop_workers = CancellationToken::new();
     start_workers(&config, &queue, &background, &stop_workers)?;
@@ -100,18 +180,51 @@ pub async fn run(
             .housekeeping(stop_workers.clone()),
     );
     background.close();
-    for listener in &listeners.http {
-        if let Ok(addr) = listener.local_addr() {
-            tracing::info!(%addr, "listening");
+    let certs = if listeners.tls.is_empty() && config.tls.certs.is_empty() {
+        None
+    } else {
+        Some(tls::CertStore::load(&config.tls)?)
+    };
+    let mut served = Vec::new();
+    for listener in listeners.http {
+        served.push((listener, server::Transport::Plain));
+    }
+    if let Some(certs) = &certs {
+        let acceptor =
+            tokio_rustls::TlsAcceptor::from(certs.server_config().map_err(tls::LoadError::from)?);
+        for listener in listeners.tls {
+            served.push((listener, server::Transport::Tls(acceptor.clone())));
         }
     }
-    let stopping = shutdown.clone();
-    let workers_stop = stop_workers.clone();
-    tokio::spawn(async move {
-        stopping.cancelled().await;
-        workers_stop.cancel();
-    });
-    server::serve(&config, gateway.clone(), listeners.http, shutdown).await;
+    for (listener, transport) in &served {
+        if let Ok(addr) = listener.local_addr() {
+            tracing::info!(%addr, proto = transport.scheme(), "listening");
+        }
+    }
+
+    // Helpers live exactly as long as this call.
+    let helpers = CancellationToken::new();
+    let _stop_helpers = helpers.clone().drop_guard();
+    if let Some(certs) = &certs {
+        tokio::spawn(certs.clone().watch_files(helpers.clone()));
+    }
+    if let Some(requests) = options.reload {
+        tokio::spawn(answer_reloads(requests, certs.clone(), helpers.clone()));
+    }
+
+    systemd::ready();
+    tokio::spawn(systemd::feed_watchdog(helpers.clone()));
+    let serving = server::serve(&config, gateway.clone(), served, shutdown.clone());
+    tokio::pin!(serving);
+    tokio::select! {
+        () = &mut serving => {}
+        () = shutdown.cancelled() => {
+            systemd::stopping();
+            // Workers stop taking jobs while connections drain.
+            stop_workers.cancel();
+            serving.await;
+        }
+    }
     gateway.proxy.close_tunnels();
     // Workers finish the job they hold; one still running after the grace stays `running`
     // in the queue and runs again on the next start.
@@ -166,6 +279,36 @@ fn start_workers(
         );
     }
     Ok(())
+}
+
+/// Carry out reload requests one at a time until `stop`, telling systemd around each.
+async fn answer_reloads(
+    mut requests: ReloadRequests,
+    certs: Option<Arc<tls::CertStore>>,
+    stop: CancellationToken,
+) {
+    loop {
+        let reply = tokio::select! {
+            () = stop.cancelled() => return,
+            reply = requests.0.recv() => match reply {
+                Some(reply) => reply,
+                None => return,
+            },
+        };
+        systemd::reloading();
+        let outcome = match &certs {
+            Some(certs) => certs.reload().map_err(ReloadError::from),
+            None => Ok(()),
+        };
+        match &outcome {
+            Ok(()) => tracing::info!("reloaded"),
+            // Each failed file was logged by the store.
+            Err(e) => tracing::warn!(error = %e, "reload incomplete"),
+        }
+        systemd::ready();
+        // The requester may have given up waiting; the reload happened anyway.
+        let _ = reply.send(outcome);
+    }
 }
 
 /// An empty body.

@@ -84,6 +84,8 @@ fn run(path: PathBuf) -> ExitCode {
         let shutdown = CancellationToken::new();
         let mut terminate = signal(SignalKind::terminate())?;
         let mut interrupt = signal(SignalKind::interrupt())?;
+        // Registered before serving: SIGHUP's default action would kill the process.
+        let mut hangup = signal(SignalKind::hangup())?;
         let stop = shutdown.clone();
         tokio::spawn(async move {
             let name = tokio::select! {
@@ -93,7 +95,19 @@ fn run(path: PathBuf) -> ExitCode {
             tracing::info!(signal = name, "stop requested");
             stop.cancel();
         });
-        wpf_gateway::run(config, listeners, shutdown).await?;
+        let (reloader, reloads) = wpf_gateway::reload_channel();
+        tokio::spawn(async move {
+            while hangup.recv().await.is_some() {
+                tracing::info!(signal = "SIGHUP", "reload requested");
+                // The gateway logs the outcome, naming each file that failed.
+                let _ = reloader.reload().await;
+            }
+        });
+        let options = wpf_gateway::RunOptions {
+            reload: Some(reloads),
+            ..Default::default()
+        };
+        wpf_gateway::run_with(config, listeners, shutdown, options).await?;
         Ok(())
     });
     // Spliced tunnels and other stragglers must not hold the exit.

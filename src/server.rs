@@ -1,6 +1,6 @@
-//! Server stage: accept connections, serve HTTP/1.1 and HTTP/2 (h2c prior knowledge, and ALPN
-//! once TLS listeners exist), enforce the connection cap and the header-read and idle
-//! timeouts, and drain on shutdown.
+//! Server stage: accept connections, complete TLS handshakes on HTTPS listeners, serve HTTP/1.1
+//! and HTTP/2 (h2c prior knowledge on plain listeners, ALPN on TLS), enforce the connection cap
+//! and the handshake, header-read and idle timeouts, and drain on shutdown.
 //!
 //! Timeouts, and who enforces them:
 //! - **header read** (slowloris): hyper's HTTP/1 `header_read_timeout`. Hyper starts that timer
@@ -13,8 +13,12 @@
 //!   completes its first request (an HTTP/2 preface sent slowly): until the first request it
 //!   gets `header_read_timeout`.
 //!
-//! The accept path is generic over the IO type ([`Server::serve_connection`]) so TLS streams
-//! plug in next to plain TCP.
+//! - **TLS handshake**: `header_read_timeout` again, counted from the accept. The handshake
+//!   runs in the connection's own task (the accept loop never waits on a client) and holds
+//!   its slot under the connection cap like any other connection.
+//!
+//! The accept path is generic over the IO type ([`Server::serve_connection`]): TLS streams and
+//! plain TCP are served by the same code.
 
 use std::convert::Infallible;
 use std::net::{IpAddr, SocketAddr};
@@ -31,7 +35,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use ipnet::IpNet;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -39,6 +43,25 @@ use tokio_util::task::TaskTracker;
 
 use crate::proxy::RequestLog;
 use crate::{Body, BoxError, Config, Gateway};
+
+/// How a listener's connections are opened.
+#[derive(Clone)]
+pub enum Transport {
+    /// Plain TCP: HTTP/1.1, or HTTP/2 with prior knowledge.
+    Plain,
+    /// TLS first (certificates by SNI, ALPN h2 / http/1.1).
+    Tls(tokio_rustls::TlsAcceptor),
+}
+
+impl Transport {
+    /// `"http"` or `"https"`.
+    pub fn scheme(&self) -> &'static str {
+        match self {
+            Transport::Plain => "http",
+            Transport::Tls(_) => "https",
+        }
+    }
+}
 
 /// What the gateway knows about the connection a request came on.
 #[derive(Debug, Clone, Copy)]
@@ -194,6 +217,41 @@ impl Server {
         }
         drop(permit);
     }
+
+    /// Complete the TLS handshake within `header_read_timeout`, then serve the connection as
+    /// [`Server::serve_connection`] does, with `conn.tls` set.
+    pub async fn serve_tls(
+        self: Arc<Self>,
+        acceptor: tokio_rustls::TlsAcceptor,
+        stream: TcpStream,
+        mut conn: ConnInfo,
+        permit: OwnedSemaphorePermit,
+        shutdown: CancellationToken,
+        abort: CancellationToken,
+    ) {
+        let stats = self.gateway.tls_stats.clone();
+        let handshake = tokio::time::timeout(self.header_read_timeout, acceptor.accept(stream));
+        let outcome = tokio::select! {
+            outcome = handshake => outcome,
+            () = abort.cancelled() => return,
+        };
+        match outcome {
+            Ok(Ok(stream)) => {
+                stats.handshakes.fetch_add(1, Ordering::Relaxed);
+                conn.tls = true;
+                self.serve_connection(TokioIo::new(stream), conn, permit, shutdown, abort)
+                    .await;
+            }
+            Ok(Err(e)) => {
+                stats.handshake_failures.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(peer = %conn.peer, error = %e, "tls handshake failed");
+            }
+            Err(_) => {
+                stats.handshake_failures.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(peer = %conn.peer, "tls handshake timed out");
+            }
+        }
+    }
 }
 
 /// Accept on every listener until `shutdown`, then let open connections finish their
@@ -201,22 +259,20 @@ impl Server {
 pub async fn serve(
     config: &Config,
     gateway: Arc<Gateway>,
-    listeners: Vec<TcpListener>,
+    listeners: Vec<(TcpListener, Transport)>,
     shutdown: CancellationToken,
 ) {
     let server = Arc::new(Server::new(config, gateway));
     let connections = TaskTracker::new();
     let abort = CancellationToken::new();
     let accepting = TaskTracker::new();
-    for listener in listeners {
-        accepting.spawn(accept_loop(
-            listener,
-            server.clone(),
-            connections.clone(),
-            shutdown.clone(),
-            abort.clone(),
-        ));
-    }
+    accepting.spawn(accept_loop(
+        listeners,
+        server.clone(),
+        connections.clone(),
+        shutdown.clone(),
+        abort.clone(),
+    ));
     accepting.close();
     shutdown.cancelled().await;
     accepting.wait().await;
@@ -236,18 +292,28 @@ pub async fn serve(
     }
 }
 
+/// One loop accepts for every listener: a slot under the cap is taken before accepting (over
+/// the cap, new connections wait in the kernel's backlog), and one loop means one slot held
+/// while waiting, however many listeners there are.
 async fn accept_loop(
-    listener: TcpListener,
+    listeners: Vec<(TcpListener, Transport)>,
     server: Arc<Server>,
     connections: TaskTracker,
     shutdown: CancellationToken,
     abort: CancellationToken,
 ) {
-    let Ok(local) = listener.local_addr() else {
+    let listeners: Vec<(TcpListener, Transport, SocketAddr)> = listeners
+        .into_iter()
+        .filter_map(|(listener, transport)| {
+            let local = listener.local_addr().ok()?;
+            Some((listener, transport, local))
+        })
+        .collect();
+    if listeners.is_empty() {
         return;
-    };
+    }
+    let mut first = 0;
     loop {
-        // Take the slot before accepting: over the cap, new connections wait in the backlog.
         let permit = tokio::select! {
             () = shutdown.cancelled() => return,
             permit = server.connections.clone().acquire_owned() => match permit {
@@ -255,32 +321,63 @@ async fn accept_loop(
                 Err(_) => return,
             },
         };
-        let (stream, peer) = tokio::select! {
+        let (index, accepted) = tokio::select! {
             () = shutdown.cancelled() => return,
-            accepted = listener.accept() => match accepted {
-                Ok(pair) => pair,
-                Err(e) => {
-                    // EMFILE and friends: back off instead of spinning.
-                    tracing::warn!(%local, error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
+            accepted = accept_any(&listeners, first) => accepted,
+        };
+        // Start the next round after this listener: a busy one cannot starve the others.
+        first = (index + 1) % listeners.len();
+        let (_, transport, local) = &listeners[index];
+        let (stream, peer) = match accepted {
+            Ok(pair) => pair,
+            Err(e) => {
+                // EMFILE and friends: back off instead of spinning.
+                tracing::warn!(local = %local, error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
         };
         let _ = stream.set_nodelay(true);
         let conn = ConnInfo {
             peer,
-            local,
+            local: *local,
             tls: false,
         };
-        connections.spawn(server.clone().serve_connection(
-            TokioIo::new(stream),
-            conn,
-            permit,
-            shutdown.clone(),
-            abort.clone(),
-        ));
+        match transport {
+            Transport::Plain => connections.spawn(server.clone().serve_connection(
+                TokioIo::new(stream),
+                conn,
+                permit,
+                shutdown.clone(),
+                abort.clone(),
+            )),
+            Transport::Tls(acceptor) => connections.spawn(server.clone().serve_tls(
+                acceptor.clone(),
+                stream,
+                conn,
+                permit,
+                shutdown.clone(),
+                abort.clone(),
+            )),
+        };
     }
+}
+
+/// The next connection on any listener, polling them from `first` on.
+async fn accept_any(
+    listeners: &[(TcpListener, Transport, SocketAddr)],
+    first: usize,
+) -> (usize, std::io::Result<(TcpStream, SocketAddr)>) {
+    std::future::poll_fn(|cx| {
+        for k in 0..listeners.len() {
+            let index = (first + k) % listeners.len();
+            if let Poll::Ready(accepted) = listeners[index].0.poll_accept(cx) {
+                return Poll::Ready((index, accepted));
+            }
+        }
+        Poll::Pending
+    })
+    .await
 }
 
 /// Per-connection request activity, for the idle watchdog. Lock-free: one counter and one

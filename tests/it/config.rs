@@ -74,7 +74,12 @@ fn example_file_documents_the_real_defaults() {
         if line.starts_with("# A second site") {
             break;
         }
-        if line.starts_with('[') {
+        // A commented-out table header (`# [tls]`) starts a section too: its keys are
+        // examples.
+        let commented_table = line.strip_prefix("# ").is_some_and(|rest| {
+            rest.starts_with('[') && rest.ends_with(']') && !rest.contains(' ')
+        });
+        if line.starts_with('[') || commented_table {
             section = line.trim();
         }
         let key = line

@@ -7,3 +7,5 @@ mod pipeline;
 mod proxy;
 mod server;
 mod smoke;
+mod systemd;
+mod tls;

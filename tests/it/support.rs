@@ -22,6 +22,12 @@ use wpf_gateway::Config;
 /// A gateway running in this process.
 pub struct TestGateway {
     pub addr: SocketAddr,
+    /// The HTTPS listener, when the config has `[tls]` (its `listen` is replaced like
+    /// `server.listen`).
+    pub tls_addr: Option<SocketAddr>,
+    /// What SIGHUP does.
+    pub reload: wpf_gateway::ReloadHandle,
+    pub tls_stats: Arc<wpf_gateway::tls::TlsStats>,
     pub shutdown: CancellationToken,
     pub task: JoinHandle<Result<(), wpf_gateway::RunError>>,
     pub dir: tempfile::TempDir,
@@ -45,13 +51,35 @@ impl TestGateway {
         adjust(&mut config);
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");
+        let mut tls = Vec::new();
+        let mut tls_addr = None;
+        if !config.tls.listen.is_empty() {
+            let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind tls");
+            tls_addr = Some(listener.local_addr().expect("tls addr"));
+            tls.push(listener);
+        }
         let shutdown = CancellationToken::new();
         let listeners = wpf_gateway::Listeners {
             http: vec![listener],
+            tls,
         };
-        let task = tokio::spawn(wpf_gateway::run(config, listeners, shutdown.clone()));
+        let (reload, reloads) = wpf_gateway::reload_channel();
+        let tls_stats = Arc::new(wpf_gateway::tls::TlsStats::default());
+        let options = wpf_gateway::RunOptions {
+            reload: Some(reloads),
+            tls_stats: tls_stats.clone(),
+        };
+        let task = tokio::spawn(wpf_gateway::run_with(
+            config,
+            listeners,
+            shutdown.clone(),
+            options,
+        ));
         TestGateway {
             addr,
+            tls_addr,
+            reload,
+            tls_stats,
             shutdown,
             task,
             dir,
