@@ -6,3 +6,4 @@ mod config;
 mod proxy;
 mod server;
 mod smoke;
+mod webhook;
