@@ -658,11 +658,12 @@ impl Writer {
     /// Rebuild the index from the file: after open (jobs left `running` are pending by now)
     /// and after a failed batch (its `running` jobs are still held by workers). Two pending
     /// jobs of one contact (a job that ran when the gateway crashed, and a newer one) fold
-    /// into the newer.
+    /// into the newer. A pending job remembers its newest delivery (fingerprint and time), so
+    /// a CRM retry of it after a restart is still a duplicate.
     async fn rebuild(&mut self) -> Result<(), sqlx::Error> {
         let rows = sqlx::query(
-            "SELECT id, site, contact, action, state, next_run_at FROM jobs \
-             WHERE state IN ('pending', 'running') ORDER BY id",
+            "SELECT id, site, contact, action, state, next_run_at, fingerprint, updated_at \
+             FROM jobs WHERE state IN ('pending', 'running') ORDER BY id",
         )
         .fetch_all(&mut self.conn)
         .await?;
@@ -687,7 +688,8 @@ impl Writer {
                 .map(|(_, _, a)| *a)
                 .max()
                 .unwrap_or(action);
-            index.insert_pending(&site, &contact, id, merged, row.get(5), None);
+            let newest = (row.get::<i64, _>(6) as u64, row.get(7));
+            index.insert_pending(&site, &contact, id, merged, row.get(5), Some(newest));
         }
         if !folds.is_empty() {
             let mut tx = self.conn.begin().await?;

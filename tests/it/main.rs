@@ -9,3 +9,4 @@ mod server;
 mod smoke;
 mod systemd;
 mod tls;
+mod webhook;

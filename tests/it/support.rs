@@ -44,6 +44,20 @@ impl TestGateway {
     /// test TOML cannot express).
     pub async fn start_with(config_toml: &str, adjust: impl FnOnce(&mut Config)) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
+        Self::start_in_with(dir, config_toml, adjust).await
+    }
+
+    /// Like [`TestGateway::start`], in the data directory a stopped gateway left behind (see
+    /// [`TestGateway::stop_keeping_dir`]): a restart on the same queue, locks and activity.
+    pub async fn start_in(dir: tempfile::TempDir, config_toml: &str) -> Self {
+        Self::start_in_with(dir, config_toml, |_| {}).await
+    }
+
+    async fn start_in_with(
+        dir: tempfile::TempDir,
+        config_toml: &str,
+        adjust: impl FnOnce(&mut Config),
+    ) -> Self {
         let text = config_toml.replace("{data_dir}", &dir.path().display().to_string());
         let path = dir.path().join("gateway.toml");
         std::fs::write(&path, &text).expect("write config");
@@ -92,8 +106,15 @@ impl TestGateway {
 
     /// Cancel and wait for `run` to return.
     pub async fn stop(self) {
+        drop(self.stop_keeping_dir().await);
+    }
+
+    /// Cancel, wait for `run` to return, and hand back the data directory (for
+    /// [`TestGateway::start_in`], or to inspect what the gateway left on disk).
+    pub async fn stop_keeping_dir(self) -> tempfile::TempDir {
         self.shutdown.cancel();
         let _ = self.task.await;
+        self.dir
     }
 }
 
