@@ -4,6 +4,7 @@
 # ceiling. Everything runs on 127.0.0.1 in a temp dir; nothing of the system nginx is used.
 # See bench/README.md for what the figures mean.
 set -euo pipefail
+shopt -s inherit_errexit   # failures inside $(...) stop the script too
 
 # --- knobs (environment) -----------------------------------------------------------------
 ROUNDS=${ROUNDS:-3}                 # measured rounds per target, targets alternate each round
@@ -21,7 +22,8 @@ GATEWAY_BIN=${GATEWAY_BIN:-}        # use this binary instead of building target
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 TMP=""
-PIDS=()
+PIDS=()                 # everything we started, for cleanup
+declare -A SERVER_PID=() # target -> the pid whose CPU time is that target's (nginx: master)
 
 log() { printf '[bench] %s\n' "$*" >&2; }
 die() { printf '[bench] error: %s\n' "$*" >&2; exit 1; }
@@ -175,6 +177,7 @@ start_upstream() {
 EOF
     } >"$TMP/upstream.conf"
     start_nginx upstream
+    SERVER_PID[direct]=$LAST_PID
     wait_ready upstream "http://127.0.0.1:$UPSTREAM_PORT/" "$LAST_PID" "$TMP/upstream.error.log"
 }
 
@@ -203,6 +206,7 @@ start_nginx_proxy() {
 EOF
     } >"$TMP/nginx.conf"
     start_nginx nginx
+    SERVER_PID[nginx]=$LAST_PID
     wait_ready "nginx proxy" "http://127.0.0.1:$NGINX_PORT/" "$LAST_PID" "$TMP/nginx.error.log"
 }
 
@@ -224,6 +228,7 @@ access_key = "bench-access-key-not-secret"
 EOF
     "$GATEWAY_BIN" run --config "$TMP/gateway.toml" >"$TMP/gateway.log" 2>&1 &
     PIDS+=($!)
+    SERVER_PID[gateway]=$!
     wait_ready gateway "http://127.0.0.1:$GATEWAY_PORT/" "$!" "$TMP/gateway.log"
     # Make sure the answer really went through the gateway (its Via), not something else.
     curl -s -D - -o /dev/null "http://127.0.0.1:$GATEWAY_PORT/" | grep -qi '^via:.*wpf-gateway' \
@@ -251,11 +256,24 @@ to_ms() {
     }'
 }
 
-# One wrk run; prints "REQS_PER_SEC P99_MS". Any non-2xx/3xx answer or socket error fails.
+# CPU time (user + system, clock ticks) used so far by a server: the process and its direct
+# children (nginx's workers; the gateway is one process, its threads are counted in it).
+cpu_ticks() {
+    local pid p
+    for p in "$1" $(pgrep -P "$1" || true); do
+        # Fields after the "(comm)" field; utime and stime are the 14th and 15th overall.
+        sed 's/^.*) //' "/proc/$p/stat" 2>/dev/null || true
+    done | awk '{ t += $12 + $13 } END { print t + 0 }'
+}
+
+# One wrk run; prints "REQS_PER_SEC P99_MS CPU_US_PER_REQUEST" (the CPU is the target server's
+# own, wrk and upstream excluded). Any non-2xx/3xx answer or socket error fails.
 run_wrk() {
-    local target=$1 duration=$2 out=$3 rps p99 requests
+    local target=$1 duration=$2 out=$3 rps p99 requests before after
+    before=$(cpu_ticks "${SERVER_PID[$target]}")
     wrk -t"$THREADS" -c"$CONNECTIONS" -d"$duration" --latency "$(url_of "$target")" >"$out" 2>&1 \
         || { cat "$out" >&2; die "wrk failed against $target"; }
+    after=$(cpu_ticks "${SERVER_PID[$target]}")
     if grep -q 'Non-2xx or 3xx responses' "$out"; then
         cat "$out" >&2
         die "$target served error responses ($(grep 'Non-2xx' "$out" | xargs))"
@@ -269,7 +287,8 @@ run_wrk() {
     requests=$(awk '/requests in/ { print $1 }' "$out")
     [[ -n "$rps" && -n "$p99" && "${requests:-0}" -gt 0 ]] \
         || { cat "$out" >&2; die "cannot parse wrk output for $target"; }
-    echo "$rps $(to_ms "$p99")"
+    echo "$rps $(to_ms "$p99") $(awk -v d=$((after - before)) -v n="$requests" -v hz="$CLK_TCK" \
+        'BEGIN { printf "%.1f", d * 1e6 / hz / n }')"
 }
 
 has_target() { [[ " $TARGETS " == *" $1 "* ]]; }
@@ -280,7 +299,7 @@ median() { tr ' ' '\n' | sort -g | awk '{ v[NR] = $1 } END {
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b == 0) print "n/a"; else printf "%.3f", a / b }'; }
 
 main() {
-    local t r res
+    local t r res rps p99 cpu
     [[ "$ROUNDS" =~ ^[1-9][0-9]*$ ]] || die "ROUNDS must be a positive integer"
     for t in $TARGETS; do
         [[ "$t" =~ ^(direct|nginx|gateway)$ ]] || die "unknown target '$t' in TARGETS"
@@ -293,6 +312,7 @@ main() {
     ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)" || true
     NOFILE=$(ulimit -n)
     ((NOFILE >= 2 * CONNECTIONS + 64)) || die "ulimit -n is $NOFILE, too low for CONNECTIONS=$CONNECTIONS"
+    CLK_TCK=$(getconf CLK_TCK)
     TMP=$(mktemp -d /tmp/wpf-bench.XXXXXX)
     free_port UPSTREAM_PORT
     free_port NGINX_PORT
@@ -305,7 +325,7 @@ main() {
     log "wrk -t$THREADS -c$CONNECTIONS -d$DURATION --latency, $ROUNDS rounds, targets: $TARGETS"
     log "$(nproc) cores; load average $(cut -d' ' -f1-3 /proc/loadavg) before the runs"
 
-    declare -gA RPS=() P99=()
+    declare -gA RPS=() P99=() CPU=()
     if [[ "$WARMUP" != 0 ]]; then
         # Fills keep-alive pools and caches so round 1 is not the odd one out.
         for t in $TARGETS; do
@@ -313,23 +333,28 @@ main() {
         done
     fi
 
-    printf '\n%-6s %-8s %14s %10s\n' round target 'req/s' 'p99 ms'
+    # cpu us/req: CPU time of the target server itself (nginx master + workers, or the
+    # gateway process) per request; unlike req/s it barely moves with other load on the box.
+    printf '\n%-6s %-8s %12s %10s %12s\n' round target 'req/s' 'p99 ms' 'cpu us/req'
     for ((r = 1; r <= ROUNDS; r++)); do
         # Alternate targets within each round so drift (other load on the box) hits all alike.
         for t in $TARGETS; do
             res=$(run_wrk "$t" "$DURATION" "$TMP/round$r-$t.txt")
-            RPS[$t]+=" ${res% *}"
-            P99[$t]+=" ${res#* }"
-            printf '%-6s %-8s %14.1f %10.3f\n' "$r" "$t" "${res% *}" "${res#* }"
+            read -r rps p99 cpu <<<"$res"
+            RPS[$t]+=" $rps"
+            P99[$t]+=" $p99"
+            CPU[$t]+=" $cpu"
+            printf '%-6s %-8s %12.1f %10.3f %12.1f\n' "$r" "$t" "$rps" "$p99" "$cpu"
         done
     done
 
-    declare -gA MRPS=() MP99=()
-    printf '\nmedians over %d rounds\n%-8s %14s %10s\n' "$ROUNDS" target 'req/s' 'p99 ms'
+    declare -gA MRPS=() MP99=() MCPU=()
+    printf '\nmedians over %d rounds\n%-15s %12s %10s %12s\n' "$ROUNDS" target 'req/s' 'p99 ms' 'cpu us/req'
     for t in $TARGETS; do
         MRPS[$t]=$(median <<<"${RPS[$t]# }")
         MP99[$t]=$(median <<<"${P99[$t]# }")
-        printf '%-8s %14.1f %10.3f\n' "$t" "${MRPS[$t]}" "${MP99[$t]}"
+        MCPU[$t]=$(median <<<"${CPU[$t]# }")
+        printf '%-15s %12.1f %10.3f %12.1f\n' "$t" "${MRPS[$t]}" "${MP99[$t]}" "${MCPU[$t]}"
     done
 
     report_ratios
@@ -342,11 +367,13 @@ report_ratios() {
     has_target gateway || return 0
     if has_target nginx; then have_nginx=1; fi
     if has_target direct; then have_direct=1; fi
-    printf '\nratios of medians (req/s: higher is better; p99: lower is better, <= 1.0 = no worse)\n'
+    printf '\nratios of medians (req/s: higher is better, >= 1.0 = at least as fast;\n'
+    printf '                   p99 and cpu/req: lower is better, <= 1.0 = no worse)\n'
     if ((have_nginx)); then
         rps_ratio=$(ratio "${MRPS[gateway]}" "${MRPS[nginx]}")
         p99_ratio=$(ratio "${MP99[gateway]}" "${MP99[nginx]}")
-        printf '  gateway/nginx   req/s %s   p99 %s\n' "$rps_ratio" "$p99_ratio"
+        printf '  gateway/nginx   req/s %s   p99 %s   cpu/req %s\n' "$rps_ratio" "$p99_ratio" \
+            "$(ratio "${MCPU[gateway]}" "${MCPU[nginx]}")"
     fi
     if ((have_direct)); then
         printf '  gateway/direct  req/s %s   p99 %s\n' \
