@@ -266,14 +266,41 @@ cpu_ticks() {
     done | awk '{ t += $12 + $13 } END { print t + 0 }'
 }
 
-# One wrk run; prints "REQS_PER_SEC P99_MS CPU_US_PER_REQUEST" (the CPU is the target server's
-# own, wrk and upstream excluded). Any non-2xx/3xx answer or socket error fails.
+# CPU ticks of all servers, and of the finished children of the shell that runs this
+# (wrk, once waited for, lands in that shell's cutime/cstime). Sets OUR_TICKS; not to be run
+# in $(...), whose subshell would have children of its own.
+our_ticks() {
+    local t self me=$BASHPID   # expanded here: inside <(...) it would be that subshell's
+    OUR_TICKS=0
+    for t in "${!SERVER_PID[@]}"; do
+        OUR_TICKS=$((OUR_TICKS + $(cpu_ticks "${SERVER_PID[$t]}")))
+    done
+    read -r -a self < <(sed 's/^.*) //' "/proc/$me/stat")
+    OUR_TICKS=$((OUR_TICKS + self[13] + self[14]))   # cutime, cstime
+}
+
+# The machine's busy and total ticks (all cores) from /proc/stat: "BUSY TOTAL".
+machine_ticks() {
+    awk '$1 == "cpu" { idle = $5 + $6; for (i = 2; i <= 9; i++) total += $i
+        print total - idle, total }' /proc/stat
+}
+
+# One wrk run; prints "REQS_PER_SEC P99_MS CPU_US_PER_REQUEST OTHERS_PCT". CPU per request is
+# the target server's own (wrk and upstream excluded); OTHERS_PCT is the share of the
+# machine's CPU that programs other than this benchmark took meanwhile (a noisy neighbour).
+# Any non-2xx/3xx answer or socket error fails.
 run_wrk() {
-    local target=$1 duration=$2 out=$3 rps p99 requests before after
+    local target=$1 duration=$2 out=$3 rps p99 requests before after ours0 ours1 m0 m1
+    read -r -a m0 < <(machine_ticks)
+    our_ticks
+    ours0=$OUR_TICKS
     before=$(cpu_ticks "${SERVER_PID[$target]}")
     wrk -t"$THREADS" -c"$CONNECTIONS" -d"$duration" --latency "$(url_of "$target")" >"$out" 2>&1 \
         || { cat "$out" >&2; die "wrk failed against $target"; }
     after=$(cpu_ticks "${SERVER_PID[$target]}")
+    our_ticks
+    ours1=$OUR_TICKS
+    read -r -a m1 < <(machine_ticks)
     if grep -q 'Non-2xx or 3xx responses' "$out"; then
         cat "$out" >&2
         die "$target served error responses ($(grep 'Non-2xx' "$out" | xargs))"
@@ -288,7 +315,9 @@ run_wrk() {
     [[ -n "$rps" && -n "$p99" && "${requests:-0}" -gt 0 ]] \
         || { cat "$out" >&2; die "cannot parse wrk output for $target"; }
     echo "$rps $(to_ms "$p99") $(awk -v d=$((after - before)) -v n="$requests" -v hz="$CLK_TCK" \
-        'BEGIN { printf "%.1f", d * 1e6 / hz / n }')"
+        'BEGIN { printf "%.1f", d * 1e6 / hz / n }') $(awk -v busy=$((m1[0] - m0[0])) \
+        -v ours=$((ours1 - ours0)) -v total=$((m1[1] - m0[1])) \
+        'BEGIN { o = busy - ours; if (o < 0) o = 0; printf "%.0f", total ? 100 * o / total : 0 }')"
 }
 
 has_target() { [[ " $TARGETS " == *" $1 "* ]]; }
@@ -299,7 +328,7 @@ median() { tr ' ' '\n' | sort -g | awk '{ v[NR] = $1 } END {
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b == 0) print "n/a"; else printf "%.3f", a / b }'; }
 
 main() {
-    local t r res rps p99 cpu
+    local t r res rps p99 cpu others
     [[ "$ROUNDS" =~ ^[1-9][0-9]*$ ]] || die "ROUNDS must be a positive integer"
     for t in $TARGETS; do
         [[ "$t" =~ ^(direct|nginx|gateway)$ ]] || die "unknown target '$t' in TARGETS"
@@ -335,16 +364,18 @@ main() {
 
     # cpu us/req: CPU time of the target server itself (nginx master + workers, or the
     # gateway process) per request; unlike req/s it barely moves with other load on the box.
-    printf '\n%-6s %-8s %12s %10s %12s\n' round target 'req/s' 'p99 ms' 'cpu us/req'
+    # others %: how much of the machine other programs took during the run; a run with a
+    # high figure measured the neighbours as much as the target.
+    printf '\n%-6s %-8s %12s %10s %12s %9s\n' round target 'req/s' 'p99 ms' 'cpu us/req' 'others %'
     for ((r = 1; r <= ROUNDS; r++)); do
         # Alternate targets within each round so drift (other load on the box) hits all alike.
         for t in $TARGETS; do
             res=$(run_wrk "$t" "$DURATION" "$TMP/round$r-$t.txt")
-            read -r rps p99 cpu <<<"$res"
+            read -r rps p99 cpu others <<<"$res"
             RPS[$t]+=" $rps"
             P99[$t]+=" $p99"
             CPU[$t]+=" $cpu"
-            printf '%-6s %-8s %12.1f %10.3f %12.1f\n' "$r" "$t" "$rps" "$p99" "$cpu"
+            printf '%-6s %-8s %12.1f %10.3f %12.1f %9s\n' "$r" "$t" "$rps" "$p99" "$cpu" "$others"
         done
     done
 
