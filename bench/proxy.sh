@@ -88,14 +88,15 @@ ensure_gateway() {
     GATEWAY_BIN="$REPO/target/release/wpf-gateway"
 }
 
-# Set variable $1 to a 127.0.0.1 port nobody listens on: random high ports, bounded tries.
+# Set variable $1 to a 127.0.0.1 port nobody listens on: random ports in 20000-32767, below
+# Linux's ephemeral range (where wrk's and the proxies' own connections draw from), bounded tries.
 # (Not run in $(...): USED_PORTS must survive so two targets never draw the same port. A race
 # with another program is possible; the start-up checks below catch it.)
 USED_PORTS=""
 free_port() {
     local i p
     for ((i = 0; i < 100; i++)); do
-        p=$((20000 + RANDOM % 40000))
+        p=$((20000 + RANDOM % 12768))
         [[ " $USED_PORTS " == *" $p "* ]] && continue
         if ! (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null; then
             USED_PORTS+=" $p"
@@ -231,8 +232,9 @@ EOF
     SERVER_PID[gateway]=$!
     wait_ready gateway "http://127.0.0.1:$GATEWAY_PORT/" "$!" "$TMP/gateway.log"
     # Make sure the answer really went through the gateway (its Via), not something else.
-    curl -s -D - -o /dev/null "http://127.0.0.1:$GATEWAY_PORT/" | grep -qi '^via:.*wpf-gateway' \
-        || die "gateway answer carries no 'Via: ... wpf-gateway'"
+    local head
+    head=$(curl -s -D - -o /dev/null --max-time 2 "http://127.0.0.1:$GATEWAY_PORT/")
+    grep -qi '^via:.*wpf-gateway' <<<"$head" || die "gateway answer carries no 'Via: ... wpf-gateway'"
 }
 
 url_of() {
