@@ -326,8 +326,8 @@ async fn retry_after_from_the_site_pauses_relaying() {
 }
 
 /// The real binary is killed with SIGKILL right after the last 202; restarted on the same
-/// data_dir it relays every accepted job. Only jobs that were on the wire at the kill may
-/// arrive twice (at-least-once delivery; `X-WPF-Job` lets a site recognise them).
+/// data_dir it relays every accepted job. Only jobs that were running at the kill may arrive
+/// twice (at-least-once delivery; `X-WPF-Job` lets a site recognise them).
 #[tokio::test]
 async fn kill_9_loses_no_accepted_job() {
     const JOBS: usize = 500;
@@ -409,9 +409,11 @@ upstream_concurrency = 2
         "accepted but never relayed: {missing:?}"
     );
     let twice: Vec<_> = times.iter().filter(|(_, n)| **n > 1).collect();
+    // A job is `running` from its lease until its result is committed: at most `workers` (4)
+    // of them, on the wire or answered but not yet recorded when the kill came.
     assert!(
-        twice.len() <= 2 && twice.iter().all(|(_, n)| **n == 2),
-        "only the (at most 2) jobs in flight at the kill may repeat: {twice:?}"
+        twice.len() <= 4 && twice.iter().all(|(_, n)| **n == 2),
+        "only the (at most 4) jobs running at the kill may repeat: {twice:?}"
     );
 }
 
