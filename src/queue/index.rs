@@ -79,6 +79,11 @@ impl Index {
         self.active
     }
 
+    /// The sites that have (or had) unfinished jobs.
+    pub fn sites(&self) -> impl Iterator<Item = &str> {
+        self.sites.keys().map(|s| &**s)
+    }
+
     /// (pending, running) jobs of a site.
     pub fn depth(&self, site: &str) -> (u64, u64) {
         let Some(s) = self.sites.get(site) else {
@@ -163,12 +168,7 @@ impl Index {
 
     /// Record a delivery merged into the contact's pending job.
     pub fn merge(&mut self, site: &str, contact: &str, action: Action, fp: (u64, i64)) {
-        let Some(p) = self
-            .sites
-            .get_mut(site)
-            .and_then(|s| s.slots.get_mut(contact))
-            .and_then(|slot| slot.pending.as_mut())
-        else {
+        let Some(p) = self.pending_mut(site, contact) else {
             return;
         };
         p.action = p.action.max(action);
@@ -176,6 +176,22 @@ impl Index {
             p.recent.remove(0);
         }
         p.recent.push(fp);
+    }
+
+    /// Raise the action of the contact's pending job (another job folded into it).
+    pub fn upgrade(&mut self, site: &str, contact: &str, action: Action) {
+        if let Some(p) = self.pending_mut(site, contact) {
+            p.action = p.action.max(action);
+        }
+    }
+
+    fn pending_mut(&mut self, site: &str, contact: &str) -> Option<&mut Pending> {
+        self.sites
+            .get_mut(site)?
+            .slots
+            .get_mut(contact)?
+            .pending
+            .as_mut()
     }
 
     /// The oldest ready job of `site` due by `now_ms`, now marked running; else the time the

@@ -15,7 +15,7 @@ use bytes::Bytes;
 pub mod index;
 mod sqlite;
 
-pub use sqlite::{Lease, SqliteQueue};
+pub use sqlite::{ActivityFilter, ActivityRow, JobRow, Lease, SiteDepth, SqliteQueue};
 
 /// A boxed future, so that [`JobQueue`] can be used as `dyn JobQueue`.
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;

@@ -78,7 +78,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     last_error        TEXT,
     finished_at       INTEGER
 );
-CREATE INDEX IF NOT EXISTS jobs_open ON jobs(state) WHERE state IN ('pending', 'running');
+CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state, id) WHERE state != 'done';
 CREATE INDEX IF NOT EXISTS jobs_finished ON jobs(finished_at) WHERE finished_at IS NOT NULL;
 CREATE TABLE IF NOT EXISTS locks (
     site     TEXT    NOT NULL,
@@ -152,9 +152,63 @@ enum Command {
         until_ms: i64,
         reply: Reply<()>,
     },
+    Replay {
+        job: JobId,
+        reply: Reply<bool>,
+    },
+    Depth(Reply<Vec<SiteDepth>>),
     Record(Box<Activity>),
     Prune,
     Close(oneshot::Sender<()>),
+}
+
+/// Unfinished jobs of one site, from the queue's index.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct SiteDepth {
+    pub site: String,
+    pub pending: u64,
+    pub running: u64,
+}
+
+/// A line of the activity log as the admin API shows it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ActivityRow {
+    pub id: i64,
+    /// Milliseconds since the Unix epoch.
+    pub at_ms: i64,
+    pub site: String,
+    pub contact: Option<String>,
+    pub action: Option<String>,
+    pub outcome: String,
+    pub job: Option<i64>,
+    pub duration_ms: Option<i64>,
+    pub detail: Option<String>,
+}
+
+/// Which activity lines to read (newest first).
+#[derive(Debug, Clone, Default)]
+pub struct ActivityFilter {
+    pub site: Option<String>,
+    pub contact: Option<String>,
+    pub outcome: Option<String>,
+    pub limit: u32,
+}
+
+/// A job as the admin API shows it (no body: it may hold personal data).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct JobRow {
+    pub id: i64,
+    pub site: String,
+    pub contact: String,
+    pub action: String,
+    pub state: String,
+    pub attempts: i64,
+    pub deliveries: i64,
+    pub received_at_ms: i64,
+    pub updated_at_ms: i64,
+    pub next_run_at_ms: i64,
+    pub result: Option<String>,
+    pub last_error: Option<String>,
 }
 
 /// Loopback locks in memory: (site, contact) -> locked until (ms since the epoch). Entries
@@ -192,6 +246,8 @@ fn until(ms: i64) -> Duration {
 /// The durable job queue. Cheap to share (`Arc`); all writes go through one writer task.
 pub struct SqliteQueue {
     commands: mpsc::Sender<Command>,
+    /// Read-only connections for the admin API, so reading never waits for the writer (WAL).
+    reader: sqlx::SqlitePool,
     locks: LockCache,
     notifiers: Mutex<HashMap<Arc<str>, Arc<Notify>>>,
     path: PathBuf,
@@ -256,6 +312,9 @@ impl SqliteQueue {
             let site: String = row.get(0);
             locks.insert((Arc::from(site), row.get(1)), row.get(2));
         }
+        let reader = sqlx::sqlite::SqlitePoolOptions::new()
+            .max_connections(2)
+            .connect_lazy_with(options.clone().read_only(true).create_if_missing(false));
         let (commands, inbox) = mpsc::channel(CHANNEL_CAPACITY);
         let mut writer = Writer {
             conn,
@@ -272,6 +331,7 @@ impl SqliteQueue {
         tracing::info!(file = %path.display(), jobs = writer.state.index.active(), "queue open");
         let queue = Arc::new(SqliteQueue {
             commands,
+            reader,
             locks,
             notifiers: Mutex::new(HashMap::new()),
             path,
@@ -413,6 +473,109 @@ impl SqliteQueue {
         self.locks
             .insert((site.clone(), contact.as_str().to_owned()), until_ms);
         Ok(())
+    }
+
+    /// Lift the lock of `contact` of `site` (admin API). `false` if there was none.
+    pub async fn unlock(&self, site: &Arc<str>, contact: &ContactId) -> Result<bool, QueueError> {
+        let was = self.locked_for(site, contact).is_some();
+        self.call(|reply| Command::Lock {
+            site: site.clone(),
+            contact: contact.clone(),
+            until_ms: 0,
+            reply,
+        })
+        .await?;
+        self.locks
+            .invalidate(&(site.clone(), contact.as_str().to_owned()));
+        Ok(was)
+    }
+
+    /// Run a `dead` or `failed` job again from its first attempt (admin API). `false` if the
+    /// job does not exist or is not in one of those states.
+    pub async fn replay(&self, job: JobId) -> Result<bool, QueueError> {
+        self.call(|reply| Command::Replay { job, reply }).await
+    }
+
+    /// Pending and running jobs per site.
+    pub async fn depth(&self) -> Result<Vec<SiteDepth>, QueueError> {
+        self.call(Command::Depth).await
+    }
+
+    /// Jobs per state (`pending`, `running`, `failed`, `dead`; `done` ones are not counted).
+    pub async fn count_by_state(&self) -> Result<Vec<(String, i64)>, QueueError> {
+        sqlx::query_as(
+            "SELECT state, COUNT(*) FROM jobs WHERE state != 'done' GROUP BY state ORDER BY state",
+        )
+        .fetch_all(&self.reader)
+        .await
+        .map_err(|e| self.read_error(e))
+    }
+
+    /// Activity lines matching `filter`, newest first (at most 1000).
+    pub async fn activity(&self, filter: &ActivityFilter) -> Result<Vec<ActivityRow>, QueueError> {
+        let limit = i64::from(filter.limit.clamp(1, 1000));
+        let rows = sqlx::query(
+            "SELECT id, at_ms, site, contact, action, outcome, job, duration_ms, detail \
+             FROM activity WHERE (?1 IS NULL OR site = ?1) AND (?2 IS NULL OR contact = ?2) \
+             AND (?3 IS NULL OR outcome = ?3) ORDER BY id DESC LIMIT ?4",
+        )
+        .bind(filter.site.as_deref())
+        .bind(filter.contact.as_deref())
+        .bind(filter.outcome.as_deref())
+        .bind(limit)
+        .fetch_all(&self.reader)
+        .await
+        .map_err(|e| self.read_error(e))?;
+        Ok(rows
+            .iter()
+            .map(|r| ActivityRow {
+                id: r.get(0),
+                at_ms: r.get(1),
+                site: r.get(2),
+                contact: r.get(3),
+                action: r.get(4),
+                outcome: r.get(5),
+                job: r.get(6),
+                duration_ms: r.get(7),
+                detail: r.get(8),
+            })
+            .collect())
+    }
+
+    /// Jobs, newest first, optionally of one state (at most 1000).
+    pub async fn jobs(&self, state: Option<&str>, limit: u32) -> Result<Vec<JobRow>, QueueError> {
+        let limit = i64::from(limit.clamp(1, 1000));
+        let rows = sqlx::query(
+            "SELECT id, site, contact, action, state, attempts, deliveries, received_at, \
+             updated_at, next_run_at, result, last_error FROM jobs \
+             WHERE (?1 IS NULL OR state = ?1) ORDER BY id DESC LIMIT ?2",
+        )
+        .bind(state)
+        .bind(limit)
+        .fetch_all(&self.reader)
+        .await
+        .map_err(|e| self.read_error(e))?;
+        Ok(rows
+            .iter()
+            .map(|r| JobRow {
+                id: r.get(0),
+                site: r.get(1),
+                contact: r.get(2),
+                action: r.get(3),
+                state: r.get(4),
+                attempts: r.get(5),
+                deliveries: r.get(6),
+                received_at_ms: r.get(7),
+                updated_at_ms: r.get(8),
+                next_run_at_ms: r.get(9),
+                result: r.get(10),
+                last_error: r.get(11),
+            })
+            .collect())
+    }
+
+    fn read_error(&self, e: sqlx::Error) -> QueueError {
+        QueueError::Unavailable(format!("{}: {e}", self.path.display()))
     }
 
     /// Is `contact` of `site` locked now? How long the lock still holds, if so.
@@ -785,6 +948,12 @@ fn reject(command: Command) {
         Command::Finish { reply, .. } | Command::Lock { reply, .. } => {
             let _ = reply.send(Err(closed()));
         }
+        Command::Replay { reply, .. } => {
+            let _ = reply.send(Err(closed()));
+        }
+        Command::Depth(reply) => {
+            let _ = reply.send(Err(closed()));
+        }
         Command::Close(done) => {
             let _ = done.send(());
         }
@@ -840,29 +1009,59 @@ impl State {
                 until_ms,
                 reply,
             } => {
-                sqlx::query(
-                    "INSERT INTO locks (site, contact, until_ms) VALUES (?, ?, ?) \
-                     ON CONFLICT (site, contact) DO UPDATE SET until_ms = excluded.until_ms",
-                )
-                .bind(&*site)
-                .bind(contact.as_str())
-                .bind(until_ms)
-                .execute(&mut *tx)
-                .await?;
+                let detail = if until_ms > now {
+                    sqlx::query(
+                        "INSERT INTO locks (site, contact, until_ms) VALUES (?, ?, ?) \
+                         ON CONFLICT (site, contact) DO UPDATE SET until_ms = excluded.until_ms",
+                    )
+                    .bind(&*site)
+                    .bind(contact.as_str())
+                    .bind(until_ms)
+                    .execute(&mut *tx)
+                    .await?;
+                    format!(
+                        "locked for {}",
+                        crate::config::format_duration(until(until_ms))
+                    )
+                } else {
+                    sqlx::query("DELETE FROM locks WHERE site = ? AND contact = ?")
+                        .bind(&*site)
+                        .bind(contact.as_str())
+                        .execute(&mut *tx)
+                        .await?;
+                    "unlocked".to_owned()
+                };
                 batch.activity.push(Activity {
                     at: SystemTime::now(),
                     site,
                     contact: Some(contact.as_str().to_owned()),
                     action: Some("lock".into()),
-                    outcome: "lock",
+                    outcome: if until_ms > now { "lock" } else { "unlock" },
                     job: None,
                     duration: None,
-                    detail: format!(
-                        "locked for {}",
-                        crate::config::format_duration(until(until_ms))
-                    ),
+                    detail,
                 });
                 batch.reply(reply, ());
+            }
+            Command::Replay { job, reply } => {
+                batch.flush(tx).await?;
+                let replayed = self.replay(job, batch, tx, now).await?;
+                batch.reply(reply, replayed);
+            }
+            Command::Depth(reply) => {
+                let depth = self
+                    .index
+                    .sites()
+                    .map(|site| {
+                        let (pending, running) = self.index.depth(site);
+                        SiteDepth {
+                            site: site.to_owned(),
+                            pending,
+                            running,
+                        }
+                    })
+                    .collect();
+                batch.reply(reply, depth);
             }
             Command::Record(activity) => batch.activity.push(*activity),
             Command::Prune => self.prune(tx, now).await?,
@@ -1103,6 +1302,64 @@ impl State {
         Ok(())
     }
 
+    /// A `dead` or `failed` job runs again from its first attempt, as if it had just arrived;
+    /// if its contact has a pending job already, it folds into that one.
+    async fn replay(
+        &mut self,
+        job: JobId,
+        batch: &mut Batch,
+        tx: &mut SqliteConnection,
+        now: i64,
+    ) -> Result<bool, sqlx::Error> {
+        let row = sqlx::query(
+            "SELECT site, contact, action FROM jobs WHERE id = ? AND state IN ('dead', 'failed')",
+        )
+        .bind(job.0)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some(row) = row else {
+            return Ok(false);
+        };
+        let site: Arc<str> = Arc::from(row.get::<String, _>(0));
+        let contact: String = row.get(1);
+        let action = Action::from_wpf_action(row.get(2)).unwrap_or(Action::Update);
+        let detail = match self.index.pending_of(&site, &contact) {
+            Some((into, pending_action)) => {
+                let merged = pending_action.max(action);
+                self.index.upgrade(&site, &contact, merged);
+                fold_into(tx, job, into, merged, now, "replayed").await?;
+                format!("replayed into pending job {into}")
+            }
+            None => {
+                sqlx::query(
+                    "UPDATE jobs SET state = 'pending', attempts = 0, next_run_at = ?, \
+                     received_at = ?, updated_at = ?, finished_at = NULL WHERE id = ?",
+                )
+                .bind(now)
+                .bind(now)
+                .bind(now)
+                .bind(job.0)
+                .execute(&mut *tx)
+                .await?;
+                self.index
+                    .insert_pending(&site, &contact, job, action, now, None);
+                self.notify.insert(site.clone());
+                "replayed".to_owned()
+            }
+        };
+        batch.activity.push(Activity {
+            at: from_ms(now),
+            site,
+            contact: Some(contact),
+            action: Some(action.as_str().to_owned()),
+            outcome: "replay",
+            job: Some(job),
+            duration: None,
+            detail,
+        });
+        Ok(true)
+    }
+
     /// The delay before attempt `attempts + 1`: the schedule's entry (the last one repeats),
     /// with ±20 % jitter so jobs that failed together do not retry together.
     fn backoff(&self, attempts: u32) -> Duration {
@@ -1335,4 +1592,145 @@ fn multi_row_insert(head: &str, columns: usize, rows: usize) -> String {
 fn tags_json(tags: &Option<Vec<String>>) -> Option<String> {
     tags.as_ref()
         .map(|t| serde_json::to_string(t).unwrap_or_else(|_| "[]".into()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::{IpAddr, Ipv4Addr};
+
+    fn config() -> QueueConfig {
+        QueueConfig {
+            durability: Durability::Os,
+            queue_max: 100,
+            retention: Duration::from_secs(3600),
+            retry_schedule: vec![Duration::from_millis(1)],
+            retry_until: Duration::from_millis(50),
+            commit_window: Duration::ZERO,
+        }
+    }
+
+    fn delivery(contact: &str, action: Action, body: &str) -> Delivery {
+        Delivery {
+            site: Arc::from("main"),
+            contact: ContactId::parse(contact).unwrap(),
+            action,
+            role: None,
+            send_notification: None,
+            payload_tags: Some(vec!["a".into()]),
+            request: StoredRequest {
+                method: "POST".into(),
+                path_and_query: format!("/?wpf_action={action}"),
+                content_type: None,
+                body: Bytes::from(body.to_owned()),
+                client_ip: IpAddr::V4(Ipv4Addr::LOCALHOST),
+            },
+            received_at: SystemTime::now(),
+        }
+    }
+
+    async fn lease(q: &SqliteQueue) -> Option<Job> {
+        match q.lease(&Arc::from("main")).await.unwrap() {
+            Lease::Job(job) => Some(*job),
+            Lease::Idle(_) => None,
+        }
+    }
+
+    #[tokio::test]
+    async fn dead_jobs_replay_from_the_first_attempt() {
+        let dir = tempfile::tempdir().unwrap();
+        let q = SqliteQueue::open(dir.path(), &config()).await.unwrap();
+        let (adm, _) = q
+            .admit(
+                delivery("7", Action::Add, "x"),
+                Duration::from_secs(60),
+                false,
+            )
+            .await
+            .unwrap();
+        let id = adm.job();
+        tokio::time::sleep(Duration::from_millis(60)).await;
+        let job = lease(&q).await.expect("due");
+        assert_eq!(job.attempts, 1);
+        q.retry(&job, Duration::ZERO, "down".into(), None)
+            .await
+            .unwrap();
+        assert!(
+            lease(&q).await.is_none(),
+            "past retry_until: dead, not pending"
+        );
+        assert_eq!(q.jobs(Some("dead"), 10).await.unwrap()[0].id, id.0);
+        assert!(q.replay(id).await.unwrap());
+        assert!(
+            !q.replay(id).await.unwrap(),
+            "only dead or failed jobs replay"
+        );
+        let again = lease(&q).await.expect("replayed job is pending");
+        assert_eq!((again.id, again.attempts), (id, 1));
+        q.done(&again, Duration::ZERO, "ok".into()).await.unwrap();
+        let outcomes: Vec<String> = q
+            .activity(&ActivityFilter {
+                limit: 10,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|a| a.outcome)
+            .collect();
+        assert_eq!(outcomes, ["done", "replay", "dead", "queued"]);
+        q.close().await;
+    }
+
+    #[tokio::test]
+    async fn replay_folds_into_a_pending_job_of_the_contact() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = config();
+        cfg.retry_until = Duration::ZERO;
+        let q = SqliteQueue::open(dir.path(), &cfg).await.unwrap();
+        let w = Duration::from_secs(60);
+        let (first, _) = q
+            .admit(delivery("7", Action::Add, "1"), w, false)
+            .await
+            .unwrap();
+        let job = lease(&q).await.unwrap();
+        q.retry(&job, Duration::ZERO, "down".into(), None)
+            .await
+            .unwrap();
+        let (second, _) = q
+            .admit(delivery("7", Action::UpdateTags, "2"), w, false)
+            .await
+            .unwrap();
+        assert!(matches!(second, Admission::Queued { .. }));
+        assert!(q.replay(first.job()).await.unwrap());
+        let depth = q.depth().await.unwrap();
+        assert_eq!((depth[0].pending, depth[0].running), (1, 0));
+        let next = lease(&q).await.unwrap();
+        assert_eq!(
+            (next.id, next.action, next.deliveries),
+            (second.job(), Action::Add, 2)
+        );
+        q.close().await;
+    }
+
+    #[tokio::test]
+    async fn unlock_lifts_a_lock_durably() {
+        let dir = tempfile::tempdir().unwrap();
+        let site: Arc<str> = Arc::from("main");
+        let c = ContactId::parse("9").unwrap();
+        let q = SqliteQueue::open(dir.path(), &config()).await.unwrap();
+        q.lock(&site, &c, Duration::from_secs(60)).await.unwrap();
+        assert!(q.locked_for(&site, &c).is_some());
+        assert!(q.unlock(&site, &c).await.unwrap());
+        assert!(q.locked_for(&site, &c).is_none());
+        assert!(!q.unlock(&site, &c).await.unwrap());
+        q.close().await;
+        drop(q);
+        let q = SqliteQueue::open(dir.path(), &config()).await.unwrap();
+        assert!(
+            q.locked_for(&site, &c).is_none(),
+            "unlock survives a restart"
+        );
+        q.close().await;
+    }
 }
