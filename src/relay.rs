@@ -111,7 +111,7 @@ impl Processor for Relay {
     }
 }
 
-/// The request the site receives: the newest delivery's method, path, body and content type,
+/// The request the site receives: the newest delivery's method, path, Host, body and content type,
 /// with `wpf_action` set to the job's merged action, `role`/`send_notification` from the job,
 /// and the site's current `access_key` (keys are never stored with jobs).
 fn build_request(site: &SiteConfig, job: &Job) -> Result<Request<Full<Bytes>>, ProcessError> {
@@ -128,10 +128,12 @@ fn build_request(site: &SiteConfig, job: &Job) -> Result<Request<Full<Bytes>>, P
         relay_query(query, job, site.access_key.expose())
     );
     let method = Method::from_bytes(stored.method.as_bytes()).unwrap_or(Method::POST);
-    let host = site
-        .hosts
-        .first()
-        .map(String::as_str)
+    // The Host the CRM addressed, as the pass-through would keep it; for jobs stored without
+    // one, the site's first name, else the upstream itself.
+    let host = stored
+        .host
+        .as_deref()
+        .or_else(|| site.hosts.first().map(String::as_str))
         .unwrap_or_else(|| site.upstream.authority.as_str());
     let mut builder = Request::builder()
         .method(method)

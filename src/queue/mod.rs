@@ -103,6 +103,8 @@ pub struct StoredRequest {
     pub content_type: Option<String>,
     pub body: Bytes,
     pub client_ip: IpAddr,
+    /// The `Host` the CRM addressed (multisite and host-based setups route on it).
+    pub host: Option<String>,
 }
 
 /// One authenticated, parsed webhook, handed from the front door to the queue.

@@ -67,6 +67,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     content_type      TEXT,
     body              BLOB    NOT NULL,
     client_ip         TEXT    NOT NULL,
+    host              TEXT,
     fingerprint       INTEGER NOT NULL,
     deliveries        INTEGER NOT NULL,
     received_at       INTEGER NOT NULL,
@@ -1167,7 +1168,7 @@ impl State {
                 "UPDATE jobs SET state = 'running', attempts = attempts + 1, updated_at = ? \
                  WHERE id = ? AND state = 'pending' \
                  RETURNING id, site, contact, action, role, send_notification, payload_tags, \
-                 method, target, content_type, body, client_ip, received_at, attempts, deliveries",
+                 method, target, content_type, body, client_ip, host, received_at, attempts, deliveries",
             )
             .bind(now)
             .bind(id.0)
@@ -1438,6 +1439,7 @@ fn job_from_row(row: &sqlx::sqlite::SqliteRow) -> Result<Job, String> {
             content_type: row.get("content_type"),
             body: Bytes::from(body),
             client_ip: client_ip.parse().map_err(|_| "bad client_ip")?,
+            host: row.get("host"),
         },
         received_at: from_ms(row.get("received_at")),
         attempts: u32::try_from(row.get::<i64, _>("attempts")).unwrap_or(u32::MAX),
@@ -1494,9 +1496,9 @@ impl Batch {
         for chunk in self.inserts.chunks(INSERT_CHUNK) {
             let sql = multi_row_insert(
                 "INSERT INTO jobs (id, site, contact, action, role, send_notification, \
-                 payload_tags, method, target, content_type, body, client_ip, fingerprint, \
+                 payload_tags, method, target, content_type, body, client_ip, host, fingerprint, \
                  deliveries, received_at, updated_at, next_run_at, state) VALUES ",
-                18,
+                19,
                 chunk.len(),
             );
             let mut q = sqlx::query(&sql);
@@ -1515,6 +1517,7 @@ impl Batch {
                     .bind(d.request.content_type.clone())
                     .bind(d.request.body.to_vec())
                     .bind(d.request.client_ip.to_string())
+                    .bind(d.request.host.clone())
                     .bind(j.fingerprint as i64)
                     .bind(1_i64)
                     .bind(to_ms(d.received_at))
@@ -1530,7 +1533,7 @@ impl Batch {
             sqlx::query(
                 "UPDATE jobs SET action = ?, role = COALESCE(?, role), \
                  send_notification = COALESCE(?, send_notification), payload_tags = ?, \
-                 method = ?, target = ?, content_type = ?, body = ?, client_ip = ?, \
+                 method = ?, target = ?, content_type = ?, body = ?, client_ip = ?, host = ?, \
                  fingerprint = ?, deliveries = deliveries + ?, updated_at = ? WHERE id = ?",
             )
             .bind(m.action.as_str())
@@ -1542,6 +1545,7 @@ impl Batch {
             .bind(d.request.content_type.clone())
             .bind(d.request.body.to_vec())
             .bind(d.request.client_ip.to_string())
+            .bind(d.request.host.clone())
             .bind(m.fingerprint as i64)
             .bind(m.deliveries)
             .bind(m.at_ms)
@@ -1624,6 +1628,7 @@ mod tests {
                 content_type: None,
                 body: Bytes::from(body.to_owned()),
                 client_ip: IpAddr::V4(Ipv4Addr::LOCALHOST),
+                host: Some("example.com".into()),
             },
             received_at: SystemTime::now(),
         }

@@ -191,6 +191,12 @@ impl FrontDoor {
                 content_type,
                 body,
                 client_ip: client,
+                host: parts
+                    .headers
+                    .get(http::header::HOST)
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_owned)
+                    .or_else(|| parts.uri.authority().map(|a| a.to_string())),
             },
             received_at: SystemTime::now(),
         };

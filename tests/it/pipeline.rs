@@ -24,6 +24,7 @@ struct Seen {
     query: String,
     job: Option<String>,
     relayed: bool,
+    host: Option<String>,
 }
 
 impl Seen {
@@ -70,6 +71,10 @@ impl Site {
                             .get("x-wpf-job")
                             .map(|v| v.to_str().unwrap().to_owned()),
                         relayed: req.headers().get("x-wpf-gateway").is_some(),
+                        host: req
+                            .headers()
+                            .get("host")
+                            .map(|v| v.to_str().unwrap().to_owned()),
                     });
                     seen.len() - 1
                 };
@@ -234,6 +239,11 @@ async fn relay_keeps_to_upstream_concurrency_and_every_contact_arrives() {
     assert_eq!(seen.len(), 20);
     let jobs: std::collections::HashSet<_> = seen.iter().filter_map(|s| s.job.clone()).collect();
     assert_eq!(jobs.len(), 20, "each job relayed once");
+    // The Host the CRM addressed reaches the site, as on the pass-through path.
+    let gw_host = gw.addr.to_string();
+    assert!(seen
+        .iter()
+        .all(|s| s.host.as_deref() == Some(gw_host.as_str())));
     assert_eq!(site.max_in_flight.load(Ordering::SeqCst), 2);
     gw.stop().await;
 }
