@@ -24,6 +24,8 @@
 //! | `wpf_gateway_build_info` | gauge (1) | version | start |
 //!
 //! Secrets never become label values: labels are site names, status codes and fixed words.
+//! A family shows up in the output once it has a series (the text encoder leaves empty ones
+//! out): `wpf_gateway_crm_requests_total`, for instance, once direct mode counts into it.
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
@@ -225,11 +227,15 @@ impl Metrics {
             Info::new(vec![("version", env!("CARGO_PKG_VERSION"))]),
         );
         registry.register_collector(Box::new(TlsCollector(tls)));
-        let sites = config
+        let sites: HashMap<String, Arc<str>> = config
             .sites
             .iter()
             .map(|s| (s.name.clone(), Arc::from(s.name.as_str())))
             .collect();
+        // Zero from the start, so `rate()` sees the first rejection.
+        for site in sites.values() {
+            drop(rate_limited.get_or_create(&SiteLabel { site: site.clone() }));
+        }
         Metrics {
             registry,
             sites,
