@@ -9,10 +9,14 @@
 //! webhook front door -> queue (SQLite, group commit) -> workers -> relay (to the upstream)
 //! ```
 //!
-//! Around it: `tls` (certificates by SNI, hot reload), `systemd` (readiness, watchdog).
+//! Around it: `tls` (certificates by SNI, hot reload), `systemd` (readiness, watchdog),
+//! `metrics` (counted by the stages) and `admin` (its own listener: health, `/metrics`, status
+//! page, JSON API).
 #![forbid(unsafe_code)]
 
+pub mod admin;
 pub mod config;
+pub mod metrics;
 pub mod pace;
 pub mod proxy;
 pub mod queue;
@@ -45,6 +49,8 @@ pub struct Listeners {
     pub http: Vec<TcpListener>,
     /// HTTPS listeners, one per `tls.listen` address.
     pub tls: Vec<TcpListener>,
+    /// The admin listener (`admin.listen`), if any.
+    pub admin: Option<TcpListener>,
 }
 
 impl Listeners {
@@ -58,7 +64,11 @@ impl Listeners {
         for addr in &config.tls.listen {
             tls.push(TcpListener::bind(addr).await?);
         }
-        Ok(Listeners { http, tls })
+        let admin = match config.admin.listen {
+            Some(addr) => Some(TcpListener::bind(addr).await?),
+            None => None,
+        };
+        Ok(Listeners { http, tls, admin })
     }
 }
 
@@ -75,6 +85,8 @@ pub enum RunError {
     Relay { site: String, error: rustls::Error },
     #[error("tls: {0}")]
     Tls(#[from] tls::LoadError),
+    #[error("admin: {0}")]
+    Admin(#[from] admin::AdminError),
 }
 
 /// Everything a request needs, shared by all connections.
@@ -84,15 +96,24 @@ pub struct Gateway {
     pub front_door: Arc<webhook::FrontDoor>,
     /// TLS handshakes and failures, counted by the server stage.
     pub tls_stats: Arc<tls::TlsStats>,
+    /// Requests, counted when each one ends (`proxy::RequestLog`).
+    pub metrics: Arc<metrics::Metrics>,
 }
 
 impl Gateway {
-    pub fn new(config: &Config, queue: Arc<queue::SqliteQueue>) -> Result<Self, RunError> {
+    /// The stages of the request path; TLS handshakes are counted into `metrics`' TLS stats.
+    pub fn new(
+        config: &Config,
+        queue: Arc<queue::SqliteQueue>,
+        metrics: Arc<metrics::Metrics>,
+        tls_stats: Arc<tls::TlsStats>,
+    ) -> Result<Self, RunError> {
         Ok(Gateway {
             router: route::Router::new(&config.sites),
             proxy: proxy::Proxy::new(config)?,
-            front_door: Arc::new(webhook::FrontDoor::new(config, queue)),
-            tls_stats: Arc::default(),
+            front_door: Arc::new(webhook::FrontDoor::new(config, queue, metrics.clone())),
+            tls_stats,
+            metrics,
         })
     }
 }
@@ -158,21 +179,38 @@ pub async fn run(
 /// Serve like [`run`], answering reload requests and counting TLS handshakes into
 /// `options.tls_stats`.
 ///
-/// Start-up order: gateway stages, certificates, then systemd `READY=1` just before
-/// serving; `STOPPING=1` when `shutdown` fires.
+/// Start-up order: metrics, queue, gateway stages, workers, certificates, the admin listener
+/// (it reads the token file), then systemd `READY=1` and `/readyz` 200 just before serving.
+/// When `shutdown` fires: `STOPPING=1`, `/readyz` 503 while connections drain; the admin
+/// listener stops last, before the queue closes.
 pub async fn run_with(
     config: Config,
     listeners: Listeners,
     shutdown: CancellationToken,
     options: RunOptions,
 ) -> Result<(), RunError> {
+    let metrics = Arc::new(metrics::Metrics::new(&config, options.tls_stats.clone()));
     let queue = queue::SqliteQueue::open(&config.server.data_dir, &config.queue).await?;
-    let mut gateway = Gateway::new(&config, queue.clone())?;
-    gateway.tls_stats = options.tls_stats;
-    let gateway = Arc::new(gateway);
+    let gateway = Arc::new(Gateway::new(
+        &config,
+        queue.clone(),
+        metrics.clone(),
+        options.tls_stats,
+    )?);
+    // Before any task starts, so a bad token file stops the start cleanly.
+    let health = Arc::new(admin::Health::default());
+    let admin = match &listeners.admin {
+        Some(_) => Some(admin::Admin::new(
+            &config,
+            queue.clone(),
+            metrics.clone(),
+            health.clone(),
+        )?),
+        None => None,
+    };
     let background = tokio_util::task::TaskTracker::new();
     let stop_workers = CancellationToken::new();
-    start_workers(&config, &queue, &background, &stop_workers)?;
+    start_workers(&config, &queue, &metrics, &background, &stop_workers)?;
     background.spawn(
         gateway
             .front_door
@@ -205,6 +243,18 @@ pub async fn run_with(
     // Helpers live exactly as long as this call.
     let helpers = CancellationToken::new();
     let _stop_helpers = helpers.clone().drop_guard();
+    let stop_admin = CancellationToken::new();
+    // Also stops the admin listener when this call returns early (an error below).
+    let _stop_admin = stop_admin.clone().drop_guard();
+    let admin_task = match (listeners.admin, admin) {
+        (Some(listener), Some(admin)) => {
+            if let Ok(addr) = listener.local_addr() {
+                tracing::info!(%addr, proto = "http", "admin listening");
+            }
+            Some(tokio::spawn(admin.serve(listener, stop_admin.clone())))
+        }
+        _ => None,
+    };
     if let Some(certs) = &certs {
         tokio::spawn(certs.clone().watch_files(helpers.clone()));
     }
@@ -213,6 +263,7 @@ pub async fn run_with(
     }
 
     systemd::ready();
+    health.set_ready(true);
     tokio::spawn(systemd::feed_watchdog(helpers.clone()));
     let serving = server::serve(&config, gateway.clone(), served, shutdown.clone());
     tokio::pin!(serving);
@@ -220,6 +271,7 @@ pub async fn run_with(
         () = &mut serving => {}
         () = shutdown.cancelled() => {
             systemd::stopping();
+            health.set_draining();
             // Workers stop taking jobs while connections drain.
             stop_workers.cancel();
             serving.await;
@@ -235,6 +287,12 @@ pub async fn run_with(
     {
         tracing::warn!("workers still busy after the shutdown grace; their jobs will run again");
     }
+    health.set_draining();
+    stop_admin.cancel();
+    if let Some(task) = admin_task {
+        // The admin server cuts its connections after a short grace of its own.
+        let _ = task.await;
+    }
     queue.close().await;
     tracing::info!("stopped");
     Ok(())
@@ -245,6 +303,7 @@ pub async fn run_with(
 fn start_workers(
     config: &Config,
     queue: &Arc<queue::SqliteQueue>,
+    metrics: &Arc<metrics::Metrics>,
     tracker: &tokio_util::task::TaskTracker,
     shutdown: &CancellationToken,
 ) -> Result<(), RunError> {
@@ -253,12 +312,11 @@ fn start_workers(
         let processor: Arc<dyn worker::Processor> = match site.mode {
             config::Mode::Relay => {
                 let crm = site.crm.as_ref().map(|c| accounts.pacer(c));
-                let relay = relay::Relay::new(Arc::new(site.clone()), crm).map_err(|error| {
-                    RunError::Relay {
+                let relay = relay::Relay::new(Arc::new(site.clone()), crm, metrics.clone())
+                    .map_err(|error| RunError::Relay {
                         site: site.name.clone(),
                         error,
-                    }
-                })?;
+                    })?;
                 Arc::new(relay)
             }
             config::Mode::Direct => {
@@ -274,6 +332,7 @@ fn start_workers(
             Arc::from(site.name.as_str()),
             queue.clone(),
             processor,
+            metrics.clone(),
             tracker,
             shutdown.clone(),
         );

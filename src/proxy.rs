@@ -14,7 +14,8 @@
 //!    │
 //!  tunnel            on 101: splice client and upstream byte streams until either side closes
 //!    │
-//!  log               server.rs: one `access` line when the response body ends ([`RequestLog`])
+//!  log               server.rs: one `access` line and the request's metrics when the response
+//!                    body ends ([`RequestLog`])
 //! ```
 //!
 //! Bodies stream both ways: nothing is buffered beyond hyper's read buffers, so a 1 GiB upload
@@ -545,7 +546,8 @@ impl HttpBody for UpstreamBody {
 
 /// Log phase: what the access line says about one request. Filled in as the request moves
 /// through the phases; written once, when the response body ends or is dropped (a client
-/// that went away before the answer is logged with status 499).
+/// that went away before the answer is logged with status 499). This is also the one place
+/// a request is counted in the metrics: the status is final here.
 pub struct RequestLog {
     enabled: bool,
     start: Instant,
@@ -560,6 +562,9 @@ pub struct RequestLog {
     pub status: u16,
     /// Response body bytes sent.
     pub bytes: u64,
+    /// Where the request is counted (`wpf_gateway_requests_total`, upstream latency) when it
+    /// ends, whether or not access lines are written.
+    pub metrics: Option<Arc<crate::metrics::Metrics>>,
     written: bool,
 }
 
@@ -594,17 +599,28 @@ impl RequestLog {
             upstream: None,
             status: 0,
             bytes: 0,
+            metrics: None,
             written: false,
         }
     }
 
-    /// Write the access line (once).
+    /// Count the request and write the access line (once).
     pub fn finish(&mut self) {
-        if self.written || !self.enabled {
+        if self.written {
             return;
         }
         self.written = true;
         let status = if self.status == 0 { 499 } else { self.status };
+        if let Some(metrics) = &self.metrics {
+            metrics.request(
+                self.site.as_ref().map(|s| s.name.as_str()),
+                status,
+                self.upstream,
+            );
+        }
+        if !self.enabled {
+            return;
+        }
         tracing::info!(
             target: "access",
             site = self.site.as_ref().map_or("-", |s| s.name.as_str()),

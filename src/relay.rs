@@ -20,6 +20,7 @@ use hyper_util::rt::TokioExecutor;
 use tokio::sync::Semaphore;
 
 use crate::config::SiteConfig;
+use crate::metrics::Metrics;
 use crate::pace::Pacer;
 use crate::proxy::{upstream_connector, Connector};
 use crate::queue::{BoxFuture, Job};
@@ -46,10 +47,17 @@ pub struct Relay {
     /// Each relayed webhook makes the site call its CRM: relay no faster than the account's
     /// rate (when `[site.crm]` is configured), shared with other sites on that account.
     crm: Option<Arc<Pacer>>,
+    /// `wpf_gateway_relay_requests_total`, by the site's answer.
+    metrics: Arc<Metrics>,
 }
 
 impl Relay {
-    pub fn new(site: Arc<SiteConfig>, crm: Option<Arc<Pacer>>) -> Result<Self, rustls::Error> {
+    /// A relay for `site`, paced by its CRM account's `crm` pacer when there is one.
+    pub fn new(
+        site: Arc<SiteConfig>,
+        crm: Option<Arc<Pacer>>,
+        metrics: Arc<Metrics>,
+    ) -> Result<Self, rustls::Error> {
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(90))
             .pool_timer(hyper_util::rt::TokioTimer::new())
@@ -60,6 +68,7 @@ impl Relay {
             crm,
             client,
             site,
+            metrics,
         })
     }
 
@@ -81,15 +90,22 @@ impl Relay {
         let request = build_request(&self.site, job)?;
         let answer = tokio::time::timeout(self.site.upstream_timeout, self.client.request(request))
             .await
-            .map_err(|_| ProcessError::Transient {
-                reason: format!("upstream timed out after {:?}", self.site.upstream_timeout),
-                retry_after: None,
+            .map_err(|_| {
+                self.metrics.relay_request(&self.site.name, "timeout");
+                ProcessError::Transient {
+                    reason: format!("upstream timed out after {:?}", self.site.upstream_timeout),
+                    retry_after: None,
+                }
             })?
-            .map_err(|e| ProcessError::Transient {
-                reason: format!("upstream unreachable: {}", error_chain(&e)),
-                retry_after: None,
+            .map_err(|e| {
+                self.metrics.relay_request(&self.site.name, "unreachable");
+                ProcessError::Transient {
+                    reason: format!("upstream unreachable: {}", error_chain(&e)),
+                    retry_after: None,
+                }
             })?;
         let status = answer.status();
+        self.metrics.relay_request(&self.site.name, status.as_str());
         let retry_after = retry_after(answer.headers().get(RETRY_AFTER));
         if status == StatusCode::TOO_MANY_REQUESTS || status == StatusCode::SERVICE_UNAVAILABLE {
             if let Some(wait) = retry_after {

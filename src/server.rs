@@ -183,6 +183,7 @@ impl Server {
             let in_flight = InFlight::begin(&on_request);
             let gateway = gateway.clone();
             let mut log = RequestLog::start(&req, conn, &trusted, access_log);
+            log.metrics = Some(gateway.metrics.clone());
             async move {
                 let resp = gateway.handle(req, conn, &mut log).await;
                 log.status = resp.status().as_u16();

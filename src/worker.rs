@@ -15,6 +15,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
+use crate::metrics::Metrics;
 use crate::queue::{BoxFuture, Job, Lease, SqliteQueue};
 
 /// Runs one job. Implementations: relay mode (forward to the site) and, later, direct mode.
@@ -48,6 +49,7 @@ pub struct Worker {
     site: Arc<str>,
     queue: Arc<SqliteQueue>,
     processor: Arc<dyn Processor>,
+    metrics: Arc<Metrics>,
 }
 
 impl Worker {
@@ -59,6 +61,7 @@ impl Worker {
         site: Arc<str>,
         queue: Arc<SqliteQueue>,
         processor: Arc<dyn Processor>,
+        metrics: Arc<Metrics>,
         tracker: &TaskTracker,
         shutdown: CancellationToken,
     ) {
@@ -67,6 +70,7 @@ impl Worker {
                 site: site.clone(),
                 queue: queue.clone(),
                 processor: processor.clone(),
+                metrics: metrics.clone(),
             };
             let span = tracing::info_span!("worker", site = %site, n);
             tracker.spawn(worker.run(shutdown.clone()).instrument(span));
@@ -106,8 +110,17 @@ impl Worker {
         self.finish(&job, started.elapsed(), result).await;
     }
 
-    /// Record the result: the one place that branches on transient vs permanent.
+    /// Record the result: the one place that branches on transient vs permanent. The job's
+    /// latency (first delivery to now) is observed here, by outcome.
     async fn finish(&self, job: &Job, took: Duration, result: Result<String, ProcessError>) {
+        let outcome = match &result {
+            Ok(_) => "done",
+            Err(ProcessError::Transient { .. }) => "retry",
+            Err(ProcessError::Permanent { .. }) => "failed",
+        };
+        // A clock set back makes the age unknown; count it as zero rather than not at all.
+        let age = job.received_at.elapsed().unwrap_or_default();
+        self.metrics.job(&self.site, outcome, age);
         let recorded = match result {
             Ok(detail) => {
                 tracing::debug!(%detail, "job done");

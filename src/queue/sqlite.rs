@@ -512,6 +512,18 @@ impl SqliteQueue {
         .map_err(|e| self.read_error(e))
     }
 
+    /// Unfinished jobs per site and state, as `(site, state, count)` (`done` ones are not
+    /// counted): the status page's per-site depth.
+    pub async fn count_by_site_state(&self) -> Result<Vec<(String, String, i64)>, QueueError> {
+        sqlx::query_as(
+            "SELECT site, state, COUNT(*) FROM jobs WHERE state != 'done' \
+             GROUP BY site, state ORDER BY site, state",
+        )
+        .fetch_all(&self.reader)
+        .await
+        .map_err(|e| self.read_error(e))
+    }
+
     /// Activity lines matching `filter`, newest first (at most 1000).
     pub async fn activity(&self, filter: &ActivityFilter) -> Result<Vec<ActivityRow>, QueueError> {
         let limit = i64::from(filter.limit.clamp(1, 1000));

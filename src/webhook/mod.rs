@@ -29,6 +29,7 @@ use hyper::body::Incoming;
 use subtle::ConstantTimeEq;
 
 use crate::config::{Config, Respond, SiteConfig};
+use crate::metrics::Metrics;
 use crate::queue::{
     Action, Activity, Admission, ContactId, Delivery, JobOutcome, QueueError, SqliteQueue,
     StoredRequest,
@@ -58,13 +59,15 @@ pub enum Outcome {
 /// Authenticates, parses, limits and queues webhooks.
 pub struct FrontDoor {
     queue: Arc<SqliteQueue>,
+    metrics: Arc<Metrics>,
     limits: HashMap<String, Limits>,
     trusted_proxies: Vec<ipnet::IpNet>,
     body_timeout: Duration,
 }
 
 impl FrontDoor {
-    pub fn new(config: &Config, queue: Arc<SqliteQueue>) -> Self {
+    /// Limits from each site's config; answers are counted in `metrics`.
+    pub fn new(config: &Config, queue: Arc<SqliteQueue>, metrics: Arc<Metrics>) -> Self {
         let limits = config
             .sites
             .iter()
@@ -72,6 +75,7 @@ impl FrontDoor {
             .collect();
         FrontDoor {
             queue,
+            metrics,
             limits,
             trusted_proxies: config.server.trusted_proxies.clone(),
             body_timeout: config.server.header_read_timeout,
@@ -100,10 +104,18 @@ impl FrontDoor {
         let html = respond::prefers_html(req.headers());
         let client = crate::server::client_ip(req.headers(), conn, &self.trusted_proxies);
         let query = parse::parse_query(req.uri().query().unwrap_or(""));
+        let action = action_label(query.action.as_deref());
         match self.admit(site, req, client, &query).await {
-            Ok(Admitted::Answer(answer)) => Outcome::Answered(answer.into_response(html)),
-            Ok(Admitted::PassThrough(req)) => Outcome::PassThrough(req),
+            Ok(Admitted::Answer(answer)) => {
+                self.metrics.webhook(&site.name, action, answer.outcome());
+                Outcome::Answered(answer.into_response(html))
+            }
+            Ok(Admitted::PassThrough(req)) => {
+                self.metrics.webhook(&site.name, action, "pass_through");
+                Outcome::PassThrough(req)
+            }
             Err(rejection) => {
+                self.metrics.webhook(&site.name, action, rejection.code);
                 if rejection.status == StatusCode::TOO_MANY_REQUESTS {
                     self.record(
                         site,
@@ -342,6 +354,19 @@ fn authenticate(site: &SiteConfig, query: &Query) -> Result<(), Rejection> {
             "invalid_access_key",
             "the access_key parameter is missing",
         )),
+    }
+}
+
+/// The `action` label of a webhook's metrics: a fixed word, never the raw (CRM-controlled)
+/// value, so the number of series stays bounded.
+fn action_label(raw: Option<&str>) -> &'static str {
+    match raw.map(parse::classify_action) {
+        None => "none",
+        Some(Ok(WebhookAction::Job(action))) => action.as_str(),
+        Some(Ok(WebhookAction::Test)) => "test",
+        Some(Ok(WebhookAction::Lock)) => "lock",
+        Some(Ok(WebhookAction::Other(_))) => "other",
+        Some(Err(_)) => "invalid",
     }
 }
 

@@ -537,6 +537,7 @@ async fn a_corrupt_queue_file_stops_the_start_naming_the_file() {
     let listeners = wpf_gateway::Listeners {
         http: vec![listener],
         tls: Vec::new(),
+        admin: None,
     };
     let shutdown = tokio_util::sync::CancellationToken::new();
     let result = tokio::time::timeout(
@@ -567,6 +568,7 @@ async fn a_second_gateway_on_the_same_data_dir_is_refused() {
     let listeners = wpf_gateway::Listeners {
         http: vec![tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap()],
         tls: Vec::new(),
+        admin: None,
     };
     let result = tokio::time::timeout(
         Duration::from_secs(5),

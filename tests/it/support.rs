@@ -25,6 +25,8 @@ pub struct TestGateway {
     /// The HTTPS listener, when the config has `[tls]` (its `listen` is replaced like
     /// `server.listen`).
     pub tls_addr: Option<SocketAddr>,
+    /// The admin listener, when the config has `admin.listen` (replaced by 127.0.0.1:0).
+    pub admin_addr: Option<SocketAddr>,
     /// What SIGHUP does.
     pub reload: wpf_gateway::ReloadHandle,
     pub tls_stats: Arc<wpf_gateway::tls::TlsStats>,
@@ -72,10 +74,18 @@ impl TestGateway {
             tls_addr = Some(listener.local_addr().expect("tls addr"));
             tls.push(listener);
         }
+        let mut admin = None;
+        let mut admin_addr = None;
+        if config.admin.listen.is_some() {
+            let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind admin");
+            admin_addr = Some(listener.local_addr().expect("admin addr"));
+            admin = Some(listener);
+        }
         let shutdown = CancellationToken::new();
         let listeners = wpf_gateway::Listeners {
             http: vec![listener],
             tls,
+            admin,
         };
         let (reload, reloads) = wpf_gateway::reload_channel();
         let tls_stats = Arc::new(wpf_gateway::tls::TlsStats::default());
@@ -92,6 +102,7 @@ impl TestGateway {
         TestGateway {
             addr,
             tls_addr,
+            admin_addr,
             reload,
             tls_stats,
             shutdown,
@@ -102,6 +113,12 @@ impl TestGateway {
 
     pub fn url(&self, path_and_query: &str) -> String {
         format!("http://{}{}", self.addr, path_and_query)
+    }
+
+    /// A URL on the admin listener (the config must have `admin.listen`).
+    pub fn admin_url(&self, path_and_query: &str) -> String {
+        let addr = self.admin_addr.expect("config has admin.listen");
+        format!("http://{addr}{path_and_query}")
     }
 
     /// Cancel and wait for `run` to return.
