@@ -21,6 +21,7 @@ pub mod pace;
 pub mod proxy;
 pub mod queue;
 pub mod relay;
+mod reload;
 pub mod route;
 pub mod server;
 pub mod systemd;
@@ -91,13 +92,39 @@ pub enum RunError {
 
 /// Everything a request needs, shared by all connections.
 pub struct Gateway {
-    pub router: route::Router,
-    pub proxy: proxy::Proxy,
-    pub front_door: Arc<webhook::FrontDoor>,
+    /// The sites and the stages that depend on them; a reload swaps it.
+    routing: arc_swap::ArcSwap<Routing>,
+    /// Proxies of earlier routings: their upgrade tunnels are closed at shutdown too.
+    retired: std::sync::Mutex<Vec<Arc<proxy::Proxy>>>,
     /// TLS handshakes and failures, counted by the server stage.
     pub tls_stats: Arc<tls::TlsStats>,
     /// Requests, counted when each one ends (`proxy::RequestLog`).
     pub metrics: Arc<metrics::Metrics>,
+}
+
+/// The request path of one configuration: Host -> site, the front door, the proxy.
+pub struct Routing {
+    pub router: route::Router,
+    pub proxy: Arc<proxy::Proxy>,
+    pub front_door: Arc<webhook::FrontDoor>,
+}
+
+impl Routing {
+    pub fn new(
+        config: &Config,
+        queue: &Arc<queue::SqliteQueue>,
+        metrics: &Arc<metrics::Metrics>,
+    ) -> Result<Self, RunError> {
+        Ok(Routing {
+            router: route::Router::new(&config.sites),
+            proxy: Arc::new(proxy::Proxy::new(config)?),
+            front_door: Arc::new(webhook::FrontDoor::new(
+                config,
+                queue.clone(),
+                metrics.clone(),
+            )),
+        })
+    }
 }
 
 impl Gateway {
@@ -108,19 +135,75 @@ impl Gateway {
         metrics: Arc<metrics::Metrics>,
         tls_stats: Arc<tls::TlsStats>,
     ) -> Result<Self, RunError> {
+        let routing = Routing::new(config, &queue, &metrics)?;
         Ok(Gateway {
-            router: route::Router::new(&config.sites),
-            proxy: proxy::Proxy::new(config)?,
-            front_door: Arc::new(webhook::FrontDoor::new(config, queue, metrics.clone())),
+            routing: arc_swap::ArcSwap::from_pointee(routing),
+            retired: std::sync::Mutex::new(Vec::new()),
             tls_stats,
             metrics,
         })
     }
+
+    /// The current routing (a reload may replace it at any time).
+    pub fn routing(&self) -> Arc<Routing> {
+        self.routing.load_full()
+    }
+
+    /// Make `routing` the one new requests use; requests in flight finish on the old one.
+    fn swap_routing(&self, routing: Routing) {
+        let old = self.routing.swap(Arc::new(routing));
+        self.retired
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .push(old.proxy.clone());
+    }
+
+    /// Close every spliced upgrade tunnel, of this routing and earlier ones (after the drain).
+    pub fn close_tunnels(&self) {
+        self.routing.load().proxy.close_tunnels();
+        for proxy in self
+            .retired
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .iter()
+        {
+            proxy.close_tunnels();
+        }
+    }
+
+    /// Forget idle per-IP limiter states now and then, so the tables stay small.
+    async fn housekeeping(self: Arc<Self>, stop: CancellationToken) {
+        let mut tick = tokio::time::interval(webhook::LIMITER_HOUSEKEEPING);
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tick.tick() => self.routing.load().front_door.forget_idle(),
+            }
+        }
+    }
 }
+
+/// The workers of the running configuration; a reload replaces them (see `reload.rs`).
+pub(crate) struct Workers {
+    tracker: tokio_util::task::TaskTracker,
+    /// Cancelled at shutdown: stops every generation.
+    root: CancellationToken,
+    /// Cancelled when a reload starts new workers.
+    generation: CancellationToken,
+}
+
+/// A site's name and the processor its workers run.
+pub(crate) type SiteProcessor = (Arc<str>, Arc<dyn worker::Processor>);
 
 /// Why a reload did not (entirely) happen. What did reload stays reloaded.
 #[derive(Debug, thiserror::Error)]
 pub enum ReloadError {
+    /// The new configuration is invalid: nothing changed.
+    #[error("{0}")]
+    Config(config::ConfigError),
+    /// The new configuration could not be put to work: nothing changed.
+    #[error("{0}")]
+    Build(Box<RunError>),
     /// These certificates kept their previous version.
     #[error("certificates: {0}")]
     Certificates(#[from] tls::ReloadError),
@@ -210,13 +293,9 @@ pub async fn run_with(
     };
     let background = tokio_util::task::TaskTracker::new();
     let stop_workers = CancellationToken::new();
-    start_workers(&config, &queue, &metrics, &background, &stop_workers)?;
-    background.spawn(
-        gateway
-            .front_door
-            .clone()
-            .housekeeping(stop_workers.clone()),
-    );
+    let workers = Workers::new(background.clone(), stop_workers.clone());
+    workers.start(&config, &queue, &metrics, processors(&config, &metrics)?);
+    background.spawn(gateway.clone().housekeeping(stop_workers.clone()));
     background.close();
     let certs = if listeners.tls.is_empty() && config.tls.certs.is_empty() {
         None
@@ -259,7 +338,15 @@ pub async fn run_with(
         tokio::spawn(certs.clone().watch_files(helpers.clone()));
     }
     if let Some(requests) = options.reload {
-        tokio::spawn(answer_reloads(requests, certs.clone(), helpers.clone()));
+        let reloader = reload::Reloader {
+            config: config.clone(),
+            gateway: gateway.clone(),
+            queue: queue.clone(),
+            metrics: metrics.clone(),
+            certs: certs.clone(),
+            workers,
+        };
+        tokio::spawn(answer_reloads(requests, reloader, helpers.clone()));
     }
 
     systemd::ready();
@@ -277,7 +364,7 @@ pub async fn run_with(
             serving.await;
         }
     }
-    gateway.proxy.close_tunnels();
+    gateway.close_tunnels();
     // Workers finish the job they hold; one still running after the grace stays `running`
     // in the queue and runs again on the next start.
     stop_workers.cancel();
@@ -298,16 +385,14 @@ pub async fn run_with(
     Ok(())
 }
 
-/// Workers for every site whose jobs can be processed now: relay mode. Direct-mode jobs stay
-/// pending (durably) until the direct-mode processor exists; `check` says so.
-fn start_workers(
+/// The processor of every site whose jobs can be processed now: relay mode. Direct-mode jobs
+/// stay pending (durably) until the direct-mode processor exists; `check` says so.
+pub(crate) fn processors(
     config: &Config,
-    queue: &Arc<queue::SqliteQueue>,
     metrics: &Arc<metrics::Metrics>,
-    tracker: &tokio_util::task::TaskTracker,
-    shutdown: &CancellationToken,
-) -> Result<(), RunError> {
+) -> Result<Vec<SiteProcessor>, RunError> {
     let accounts = pace::Accounts::default();
+    let mut out = Vec::new();
     for site in &config.sites {
         let processor: Arc<dyn worker::Processor> = match site.mode {
             config::Mode::Relay => {
@@ -327,23 +412,15 @@ fn start_workers(
                 continue;
             }
         };
-        worker::Worker::spawn(
-            site.workers,
-            Arc::from(site.name.as_str()),
-            queue.clone(),
-            processor,
-            metrics.clone(),
-            tracker,
-            shutdown.clone(),
-        );
+        out.push((Arc::from(site.name.as_str()), processor));
     }
-    Ok(())
+    Ok(out)
 }
 
 /// Carry out reload requests one at a time until `stop`, telling systemd around each.
 async fn answer_reloads(
     mut requests: ReloadRequests,
-    certs: Option<Arc<tls::CertStore>>,
+    mut reloader: reload::Reloader,
     stop: CancellationToken,
 ) {
     loop {
@@ -355,13 +432,10 @@ async fn answer_reloads(
             },
         };
         systemd::reloading();
-        let outcome = match &certs {
-            Some(certs) => certs.reload().map_err(ReloadError::from),
-            None => Ok(()),
-        };
+        let outcome = reloader.reload().await;
         match &outcome {
             Ok(()) => tracing::info!("reloaded"),
-            // Each failed file was logged by the store.
+            // Each problem was logged already, naming its file (and line).
             Err(e) => tracing::warn!(error = %e, "reload incomplete"),
         }
         systemd::ready();
@@ -395,19 +469,20 @@ impl Gateway {
         conn: server::ConnInfo,
         log: &mut proxy::RequestLog,
     ) -> http::Response<Body> {
-        let Some(site) = self.router.route(&req).cloned() else {
+        let routing = self.routing();
+        let Some(site) = routing.router.route(&req).cloned() else {
             return proxy::error_page(http::StatusCode::MISDIRECTED_REQUEST);
         };
         log.site = Some(site.clone());
         if route::is_webhook(req.uri().query()) {
-            match self.front_door.handle(&site, req, conn).await {
+            match routing.front_door.handle(&site, req, conn).await {
                 webhook::Outcome::Answered(resp) => resp,
                 webhook::Outcome::PassThrough(req) => {
-                    self.proxy.forward(&site, req, conn, log).await
+                    routing.proxy.forward(&site, req, conn, log).await
                 }
             }
         } else {
-            self.proxy.forward(&site, req, conn, log).await
+            routing.proxy.forward(&site, req, conn, log).await
         }
     }
 }

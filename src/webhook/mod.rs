@@ -45,7 +45,7 @@ const MAX_LOCK_TTL: Duration = Duration::from_secs(3600);
 /// `Retry-After` when the queue cannot commit (disk full, I/O error).
 const UNAVAILABLE_RETRY_AFTER: Duration = Duration::from_secs(5);
 /// How often idle per-IP limiter states are forgotten.
-const LIMITER_HOUSEKEEPING: Duration = Duration::from_secs(60);
+pub(crate) const LIMITER_HOUSEKEEPING: Duration = Duration::from_secs(60);
 
 /// What the front door decided for a webhook request.
 pub enum Outcome {
@@ -82,15 +82,9 @@ impl FrontDoor {
         }
     }
 
-    /// Forget idle per-IP limiter states now and then, so the tables stay small.
-    pub async fn housekeeping(self: Arc<Self>, shutdown: tokio_util::sync::CancellationToken) {
-        let mut tick = tokio::time::interval(LIMITER_HOUSEKEEPING);
-        loop {
-            tokio::select! {
-                _ = shutdown.cancelled() => return,
-                _ = tick.tick() => self.limits.values().for_each(Limits::forget_idle),
-            }
-        }
+    /// Forget idle per-IP limiter states (called now and then, so the tables stay small).
+    pub fn forget_idle(&self) {
+        self.limits.values().for_each(Limits::forget_idle);
     }
 
     /// Answer one webhook request (or hand a custom action to the pass-through).

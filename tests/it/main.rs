@@ -6,6 +6,7 @@ mod admin;
 mod config;
 mod pipeline;
 mod proxy;
+mod reload;
 mod server;
 mod smoke;
 mod systemd;
