@@ -9,6 +9,10 @@ use tokio::signal::unix::{signal, SignalKind};
 use tokio_util::sync::CancellationToken;
 use wpf_gateway::config::{LogConfig, LogFormat};
 
+/// mimalloc instead of glibc malloc: see Cargo.toml. The binary only; tests keep the default.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "wpf-gateway",

@@ -8,8 +8,8 @@
 //!    │
 //!  request_headers   hop-by-hop headers out (Upgrade kept for upgrades), X-Forwarded-For/
 //!    │               -Proto/-Host, Via; Host kept; URI rewritten to the site's upstream only
-//!  forward           pooled keep-alive client (http/https), HTTP/1.1 upstream; connect timeout,
-//!    │               response-header timeout (504), unreachable (502)
+//!  forward           pooled keep-alive connection (http/https, [`UpstreamPool`]), HTTP/1.1
+//!    │               upstream; connect timeout, response-header timeout (504), unreachable (502)
 //!  response_headers  hop-by-hop headers out (kept on 101), Via
 //!    │
 //!  tunnel            on 101: splice client and upstream byte streams until either side closes
@@ -21,10 +21,11 @@
 //! Bodies stream both ways: nothing is buffered beyond hyper's read buffers, so a 1 GiB upload
 //! or download costs no more memory than a 1 KiB one. Header maps are edited in place.
 
+use std::collections::HashMap;
 use std::fmt;
 use std::net::IpAddr;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::task::{ready, Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -34,9 +35,10 @@ use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body::{Body as HttpBody, Frame, SizeHint};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
+use hyper::client::conn::http1;
 use hyper_rustls::ConfigBuilderExt;
-use hyper_util::client::legacy::{connect::HttpConnector, Client};
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioIo;
 use ipnet::IpNet;
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
@@ -64,15 +66,15 @@ const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto
 const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 
 pub type Connector = hyper_rustls::HttpsConnector<HttpConnector>;
-type UpstreamClient = Client<Connector, UpstreamBody>;
 
 /// Why a request could not be forwarded; [`ProxyError::into_response`] is the one place these
 /// become HTTP answers.
 #[derive(Debug, thiserror::Error)]
 pub enum ProxyError {
-    /// The upstream could not be reached (refused, reset, DNS, TLS).
+    /// The upstream could not be reached (refused, reset, DNS, TLS), or the connection failed
+    /// before the response headers.
     #[error("upstream unreachable: {0}")]
-    Unreachable(#[source] hyper_util::client::legacy::Error),
+    Unreachable(#[source] BoxError),
     /// Connecting took longer than `upstream_connect_timeout`.
     #[error("upstream connect timed out")]
     ConnectTimeout,
@@ -124,11 +126,12 @@ pub fn upstream_connector(connect_timeout: Duration) -> Result<Connector, rustls
         .wrap_connector(http))
 }
 
-/// The pass-through proxy: pooled upstream clients and the trust list for forwarding headers.
+/// The pass-through proxy: pooled upstream connections and the trust list for forwarding
+/// headers.
 pub struct Proxy {
-    /// One pooled client per distinct connect timeout (usually exactly one): the timeout lives
-    /// in the connector, and sharing a client shares its keep-alive pool.
-    clients: Vec<(Duration, UpstreamClient)>,
+    /// One pool per distinct connect timeout (usually exactly one): the timeout lives in the
+    /// connector, and sharing a pool shares its keep-alive connections.
+    pools: Vec<(Duration, Arc<UpstreamPool>)>,
     trusted_proxies: Box<[IpNet]>,
     /// Cancelled by [`Proxy::close_tunnels`] once the server has drained.
     tunnels: CancellationToken,
@@ -137,21 +140,17 @@ pub struct Proxy {
 impl Proxy {
     /// Build the upstream clients for every site.
     pub fn new(config: &Config) -> Result<Self, ProxyError> {
-        let mut clients: Vec<(Duration, UpstreamClient)> = Vec::new();
+        let mut pools: Vec<(Duration, Arc<UpstreamPool>)> = Vec::new();
         for site in &config.sites {
             let timeout = site.upstream_connect_timeout;
-            if clients.iter().any(|(t, _)| *t == timeout) {
+            if pools.iter().any(|(t, _)| *t == timeout) {
                 continue;
             }
-            let client = Client::builder(TokioExecutor::new())
-                .pool_idle_timeout(Duration::from_secs(90))
-                .pool_timer(hyper_util::rt::TokioTimer::new())
-                .timer(hyper_util::rt::TokioTimer::new())
-                .build(upstream_connector(timeout)?);
-            clients.push((timeout, client));
+            let pool = UpstreamPool::new(upstream_connector(timeout)?, UPSTREAM_IDLE_TIMEOUT);
+            pools.push((timeout, Arc::new(pool)));
         }
         Ok(Proxy {
-            clients,
+            pools,
             trusted_proxies: config.server.trusted_proxies.clone().into_boxed_slice(),
             tunnels: CancellationToken::new(),
         })
@@ -218,22 +217,22 @@ impl Proxy {
         Ok(resp.map(|body| body.map_err(|e| Box::new(e) as BoxError).boxed()))
     }
 
-    /// Forward phase: send on the pooled client; the response-header timeout starts once the
+    /// Forward phase: send on a pooled connection; the response-header timeout starts once the
     /// request body has been sent, so a long upload is not mistaken for a silent upstream.
     async fn forward_phase(
         &self,
         site: &SiteConfig,
         req: Request<Incoming>,
-    ) -> Result<Response<Incoming>, ProxyError> {
-        let client = self
-            .clients
+    ) -> Result<Response<PooledBody>, ProxyError> {
+        let pool = self
+            .pools
             .iter()
             .find(|(t, _)| *t == site.upstream_connect_timeout)
-            .or_else(|| self.clients.first())
-            .map(|(_, c)| c)
+            .or_else(|| self.pools.first())
+            .map(|(_, p)| p)
             .ok_or(ProxyError::NotForwardable("no upstream client"))?;
         let (req, body_sent) = UpstreamBody::wrap(req);
-        let response = client.request(req);
+        let response = UpstreamPool::send(pool, site, req);
         let deadline = async {
             if let Some(sent) = body_sent {
                 // Err means the body was dropped: sent (hyper stops at the declared length) or
@@ -244,27 +243,220 @@ impl Proxy {
         };
         tokio::select! {
             biased;
-            resp = response => resp.map_err(classify_client_error),
+            resp = response => resp,
             () = deadline => Err(ProxyError::ResponseTimeout),
         }
     }
 }
 
-/// Connect timeouts (io `TimedOut` in the source chain) are 504s; every other failure to get
-/// a response is a 502.
-fn classify_client_error(err: hyper_util::client::legacy::Error) -> ProxyError {
-    if err.is_connect() {
-        let mut source = std::error::Error::source(&err);
-        while let Some(e) = source {
-            if let Some(io) = e.downcast_ref::<std::io::Error>() {
-                if io.kind() == std::io::ErrorKind::TimedOut {
-                    return ProxyError::ConnectTimeout;
-                }
-            }
-            source = e.source();
+/// How long an idle upstream connection stays in the pool.
+const UPSTREAM_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+
+/// Which upstream a pooled connection talks to.
+type PoolKey = (http::uri::Scheme, http::uri::Authority);
+
+/// Keep-alive HTTP/1.1 connections to the upstreams, idle ones kept per upstream.
+///
+/// Why not hyper-util's legacy `Client`: per request it builds a pool key, races a checkout
+/// against a lazy connect, and, because our response bodies stream, spawns a task per request
+/// that waits for the connection to be ready again before pooling it. Here a connection goes
+/// back to the pool when its response body has been read to the end ([`PooledBody`]), and the
+/// next request waits for it to be ready; that saves a task and a pool round per request.
+pub struct UpstreamPool {
+    connector: Connector,
+    idle_timeout: Duration,
+    /// Most recently used last (taken first: its socket is the warmest). A plain mutex: it is
+    /// held for a push or a pop, never across an await.
+    idle: Mutex<HashMap<PoolKey, Vec<IdleConnection>>>,
+}
+
+struct IdleConnection {
+    sender: http1::SendRequest<UpstreamBody>,
+    since: Instant,
+}
+
+impl UpstreamPool {
+    fn new(connector: Connector, idle_timeout: Duration) -> Self {
+        UpstreamPool {
+            connector,
+            idle_timeout,
+            idle: Mutex::new(HashMap::new()),
         }
     }
+
+    /// Send `req` (origin-form target) to the site's upstream: on an idle connection when
+    /// there is one, else on a new one. A request that a reused connection could not even
+    /// start sending (the upstream had closed it meanwhile) is retried on another connection.
+    async fn send(
+        pool: &Arc<Self>,
+        site: &SiteConfig,
+        mut req: Request<UpstreamBody>,
+    ) -> Result<Response<PooledBody>, ProxyError> {
+        let key: PoolKey = (
+            site.upstream.scheme.clone(),
+            site.upstream.authority.clone(),
+        );
+        loop {
+            let (mut sender, reused) = match pool.checkout(&key) {
+                Some(sender) => (sender, true),
+                None => (pool.connect(&key).await?, false),
+            };
+            if let Err(e) = sender.ready().await {
+                if reused {
+                    continue;
+                }
+                return Err(ProxyError::Unreachable(Box::new(e)));
+            }
+            match sender.try_send_request(req).await {
+                Ok(resp) => {
+                    // After a 101 the socket belongs to the tunnel, never to the pool.
+                    let conn = (resp.status() != StatusCode::SWITCHING_PROTOCOLS).then(|| {
+                        PooledConnection {
+                            pool: pool.clone(),
+                            key,
+                            sender,
+                        }
+                    });
+                    return Ok(resp.map(|inner| PooledBody {
+                        inner,
+                        conn,
+                        ended: false,
+                    }));
+                }
+                Err(mut e) => match e.take_message() {
+                    Some(unsent) if reused => req = unsent,
+                    _ => return Err(ProxyError::Unreachable(Box::new(e.into_error()))),
+                },
+            }
+        }
+    }
+
+    /// The most recently used idle connection to `key` that is still open and not stale.
+    fn checkout(&self, key: &PoolKey) -> Option<http1::SendRequest<UpstreamBody>> {
+        let mut idle = self
+            .idle
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let list = idle.get_mut(key)?;
+        while let Some(conn) = list.pop() {
+            if !conn.sender.is_closed() && conn.since.elapsed() < self.idle_timeout {
+                return Some(conn.sender);
+            }
+        }
+        None
+    }
+
+    fn put_back(&self, key: PoolKey, sender: http1::SendRequest<UpstreamBody>) {
+        if sender.is_closed() {
+            return;
+        }
+        let mut idle = self
+            .idle
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let list = idle.entry(key).or_default();
+        // Connections the upstream closed, or idle for too long, would otherwise pile up until
+        // checked out (the most recent are taken first, so the oldest may never be).
+        let now = Instant::now();
+        list.retain(|c| !c.sender.is_closed() && now - c.since < self.idle_timeout);
+        list.push(IdleConnection { sender, since: now });
+    }
+
+    /// A new connection (connect timeout and TLS in the connector), driven by its own task
+    /// until either side closes it; upgrades (101) hand the socket over to the tunnel.
+    async fn connect(&self, key: &PoolKey) -> Result<http1::SendRequest<UpstreamBody>, ProxyError> {
+        use tower_service::Service;
+        let uri = Uri::builder()
+            .scheme(key.0.clone())
+            .authority(key.1.clone())
+            .path_and_query("/")
+            .build()
+            .map_err(|_| ProxyError::NotForwardable("upstream"))?;
+        let stream = self
+            .connector
+            .clone()
+            .call(uri)
+            .await
+            .map_err(classify_connect_error)?;
+        let (sender, connection) = http1::Builder::new()
+            .handshake(stream)
+            .await
+            .map_err(|e| ProxyError::Unreachable(Box::new(e)))?;
+        tokio::spawn(async move {
+            if let Err(e) = connection.with_upgrades().await {
+                tracing::debug!(error = %e, "upstream connection ended");
+            }
+        });
+        Ok(sender)
+    }
+}
+
+/// Connect timeouts (io `TimedOut` in the source chain) are 504s; every other failure to
+/// connect is a 502.
+fn classify_connect_error(err: BoxError) -> ProxyError {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(err.as_ref());
+    while let Some(e) = source {
+        if let Some(io) = e.downcast_ref::<std::io::Error>() {
+            if io.kind() == std::io::ErrorKind::TimedOut {
+                return ProxyError::ConnectTimeout;
+            }
+        }
+        source = e.source();
+    }
     ProxyError::Unreachable(err)
+}
+
+/// A connection lent to one request, returned to its pool by [`PooledBody`].
+struct PooledConnection {
+    pool: Arc<UpstreamPool>,
+    key: PoolKey,
+    sender: http1::SendRequest<UpstreamBody>,
+}
+
+/// The upstream's response body. When it is dropped after its end was reached, the connection
+/// goes back to the pool; dropped earlier (client gone, error, or a 101 whose socket became a
+/// tunnel), the connection is let go with it.
+pub struct PooledBody {
+    inner: Incoming,
+    conn: Option<PooledConnection>,
+    ended: bool,
+}
+
+impl HttpBody for PooledBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let frame = ready!(Pin::new(&mut self.inner).poll_frame(cx));
+        match &frame {
+            None => self.ended = true,
+            Some(Err(_)) => self.conn = None,
+            Some(Ok(_)) => {}
+        }
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for PooledBody {
+    fn drop(&mut self) {
+        // hyper stops polling a body once `is_end_stream` says so: that counts as the end too.
+        if self.ended || self.inner.is_end_stream() {
+            if let Some(conn) = self.conn.take() {
+                conn.pool.put_back(conn.key, conn.sender);
+            }
+        }
+    }
 }
 
 /// Request-headers phase, in place. Returns whether this is an upgrade request (WebSocket)
@@ -290,11 +482,9 @@ fn request_headers(
         return Err(ProxyError::NotForwardable("asterisk-form"));
     }
     let authority = req.uri().authority().cloned();
-    let mut parts = http::uri::Parts::default();
-    parts.scheme = Some(site.upstream.scheme.clone());
-    parts.authority = Some(site.upstream.authority.clone());
-    parts.path_and_query = Some(path);
-    *req.uri_mut() = Uri::from_parts(parts).map_err(|_| ProxyError::NotForwardable("target"))?;
+    // Origin-form: the upstream connection is chosen by the site (forward phase), not by the
+    // request target.
+    *req.uri_mut() = Uri::from(path);
     *req.version_mut() = Version::HTTP_11;
 
     let headers = req.headers_mut();
@@ -304,7 +494,9 @@ fn request_headers(
 
     // Host preserved. HTTP/2 carries it as :authority; the HTTP/1.1 upstream needs a header.
     if !headers.contains_key(header::HOST) {
-        if let Some(host) = authority.and_then(|a| HeaderValue::from_str(a.as_str()).ok()) {
+        // An HTTP/1.0 request may have none at all; HTTP/1.1 requires one: the upstream's.
+        let host = authority.as_ref().unwrap_or(&site.upstream.authority);
+        if let Ok(host) = HeaderValue::from_str(host.as_str()) {
             headers.insert(header::HOST, host);
         }
     }
