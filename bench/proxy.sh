@@ -15,7 +15,10 @@ THREADS=${THREADS:-2}               # wrk -t
 WORKERS=${WORKERS:-2}               # nginx proxy worker_processes (the gateway uses all cores)
 UPSTREAM_WORKERS=${UPSTREAM_WORKERS:-2}  # upstream nginx worker_processes
 BODY_SIZE=${BODY_SIZE:-1024}        # response body bytes
-TARGETS=${TARGETS:-"direct nginx gateway"}
+# nginx-tls / gateway-tls: the HTTPS round (issue 4): the same proxies behind TLS, one shared
+# self-signed ECDSA P-256 certificate, TLS 1.2/1.3, both with their default cipher order
+# (wrk and both servers settle on TLS 1.3 AES-256-GCM), keep-alive connections.
+TARGETS=${TARGETS:-"direct nginx gateway nginx-tls gateway-tls"}
 STRICT=${STRICT:-0}                 # 1: exit 3 when the DESIGN §7 targets are missed
 KEEP_TMP=${KEEP_TMP:-0}             # 1: keep the temp dir (configs, logs, wrk outputs)
 GATEWAY_BIN=${GATEWAY_BIN:-}        # use this binary instead of building target/release
@@ -66,6 +69,7 @@ ensure_tools() {
     command -v nginx >/dev/null || missing+=(nginx-light)
     command -v wrk >/dev/null || missing+=(wrk)
     command -v curl >/dev/null || missing+=(curl)
+    command -v openssl >/dev/null || missing+=(openssl)
     ((${#missing[@]} == 0)) && return 0
     [[ $(id -u) == 0 ]] || die "need ${missing[*]}: install them (apt-get install ${missing[*]}) or run as root"
     log "installing ${missing[*]}"
@@ -115,7 +119,7 @@ wait_ready() {
             tail -n 20 "$logfile" >&2 || true
             die "$name exited during start-up (log: $logfile)"
         fi
-        if read -r code size < <(curl -s -o /dev/null -w '%{http_code} %{size_download}\n' \
+        if read -r code size < <(curl -sk -o /dev/null -w '%{http_code} %{size_download}\n' \
             --max-time 1 "$url" 2>/dev/null); then
             if [[ "$code" == 200 && "$size" == "$BODY_SIZE" ]]; then
                 return 0
@@ -163,6 +167,13 @@ start_nginx() {
     LAST_PID=$!
 }
 
+# One certificate for both TLS targets, made fresh for each run (never committed).
+make_cert() {
+    openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2 \
+        -subj /CN=localhost -addext "subjectAltName=DNS:localhost,IP:127.0.0.1" \
+        -keyout "$TMP/tls.key" -out "$TMP/tls.pem" 2>/dev/null || die "openssl cannot make a certificate"
+}
+
 start_upstream() {
     local body
     body=$(head -c "$BODY_SIZE" /dev/zero | tr '\0' 'x')
@@ -194,6 +205,11 @@ start_nginx_proxy() {
     }
     server {
         listen 127.0.0.1:$NGINX_PORT reuseport backlog=4096;
+        listen 127.0.0.1:$NGINX_TLS_PORT ssl reuseport backlog=4096;
+        ssl_certificate $TMP/tls.pem;
+        ssl_certificate_key $TMP/tls.key;
+        ssl_protocols TLSv1.2 TLSv1.3;
+        ssl_session_cache shared:bench:10m;
         location / {
             proxy_pass http://site;
             proxy_http_version 1.1;
@@ -208,7 +224,9 @@ EOF
     } >"$TMP/nginx.conf"
     start_nginx nginx
     SERVER_PID[nginx]=$LAST_PID
+    SERVER_PID[nginx-tls]=$LAST_PID
     wait_ready "nginx proxy" "http://127.0.0.1:$NGINX_PORT/" "$LAST_PID" "$TMP/nginx.error.log"
+    wait_ready "nginx proxy (TLS)" "https://127.0.0.1:$NGINX_TLS_PORT/" "$LAST_PID" "$TMP/nginx.error.log"
 }
 
 start_gateway() {
@@ -217,6 +235,13 @@ start_gateway() {
 [server]
 listen = ["127.0.0.1:$GATEWAY_PORT"]
 data_dir = "$TMP/gateway-data"
+
+[tls]
+listen = ["127.0.0.1:$GATEWAY_TLS_PORT"]
+
+[[tls.cert]]
+chain = "$TMP/tls.pem"
+key = "$TMP/tls.key"
 
 [log]
 level = "warn"
@@ -230,7 +255,9 @@ EOF
     "$GATEWAY_BIN" run --config "$TMP/gateway.toml" >"$TMP/gateway.log" 2>&1 &
     PIDS+=($!)
     SERVER_PID[gateway]=$!
+    SERVER_PID[gateway-tls]=$!
     wait_ready gateway "http://127.0.0.1:$GATEWAY_PORT/" "$!" "$TMP/gateway.log"
+    wait_ready "gateway (TLS)" "https://127.0.0.1:$GATEWAY_TLS_PORT/" "$!" "$TMP/gateway.log"
     # Make sure the answer really went through the gateway (its Via), not something else.
     local head
     head=$(curl -s -D - -o /dev/null --max-time 2 "http://127.0.0.1:$GATEWAY_PORT/")
@@ -242,6 +269,8 @@ url_of() {
         direct) echo "http://127.0.0.1:$UPSTREAM_PORT/" ;;
         nginx) echo "http://127.0.0.1:$NGINX_PORT/" ;;
         gateway) echo "http://127.0.0.1:$GATEWAY_PORT/" ;;
+        nginx-tls) echo "https://127.0.0.1:$NGINX_TLS_PORT/" ;;
+        gateway-tls) echo "https://127.0.0.1:$GATEWAY_TLS_PORT/" ;;
         *) die "unknown target $1" ;;
     esac
 }
@@ -333,10 +362,10 @@ main() {
     local t r res rps p99 cpu others
     [[ "$ROUNDS" =~ ^[1-9][0-9]*$ ]] || die "ROUNDS must be a positive integer"
     for t in $TARGETS; do
-        [[ "$t" =~ ^(direct|nginx|gateway)$ ]] || die "unknown target '$t' in TARGETS"
+        [[ "$t" =~ ^(direct|nginx|gateway|nginx-tls|gateway-tls)$ ]] || die "unknown target '$t' in TARGETS"
     done
     ensure_tools
-    if has_target gateway; then ensure_gateway; fi
+    if has_target gateway || has_target gateway-tls; then ensure_gateway; fi
 
     # wrk, nginx and the gateway each hold CONNECTIONS sockets or more (the proxies twice:
     # client side and upstream side). Raise the soft limit as far as the hard one allows.
@@ -348,10 +377,13 @@ main() {
     free_port UPSTREAM_PORT
     free_port NGINX_PORT
     free_port GATEWAY_PORT
+    free_port NGINX_TLS_PORT
+    free_port GATEWAY_TLS_PORT
 
+    make_cert
     start_upstream
-    if has_target nginx; then start_nginx_proxy; fi
-    if has_target gateway; then start_gateway; fi
+    if has_target nginx || has_target nginx-tls; then start_nginx_proxy; fi
+    if has_target gateway || has_target gateway-tls; then start_gateway; fi
     log "upstream :$UPSTREAM_PORT$(has_target nginx && echo "  nginx proxy :$NGINX_PORT")$(has_target gateway && echo "  gateway :$GATEWAY_PORT")  (files in $TMP)"
     log "wrk -t$THREADS -c$CONNECTIONS -d$DURATION --latency, $ROUNDS rounds, targets: $TARGETS"
     log "$(nproc) cores; load average $(cut -d' ' -f1-3 /proc/loadavg) before the runs"
@@ -368,7 +400,7 @@ main() {
     # gateway process) per request; unlike req/s it barely moves with other load on the box.
     # others %: how much of the machine other programs took during the run; a run with a
     # high figure measured the neighbours as much as the target.
-    printf '\n%-6s %-8s %12s %10s %12s %9s\n' round target 'req/s' 'p99 ms' 'cpu us/req' 'others %'
+    printf '\n%-6s %-11s %12s %10s %12s %9s\n' round target 'req/s' 'p99 ms' 'cpu us/req' 'others %'
     for ((r = 1; r <= ROUNDS; r++)); do
         # Alternate targets within each round so drift (other load on the box) hits all alike.
         for t in $TARGETS; do
@@ -377,7 +409,7 @@ main() {
             RPS[$t]+=" $rps"
             P99[$t]+=" $p99"
             CPU[$t]+=" $cpu"
-            printf '%-6s %-8s %12.1f %10.3f %12.1f %9s\n' "$r" "$t" "$rps" "$p99" "$cpu" "$others"
+            printf '%-6s %-11s %12.1f %10.3f %12.1f %9s\n' "$r" "$t" "$rps" "$p99" "$cpu" "$others"
         done
     done
 
@@ -415,6 +447,12 @@ report_ratios() {
             printf '  nginx/direct    req/s %s   p99 %s   (the peer, for scale)\n' \
                 "$(ratio "${MRPS[nginx]}" "${MRPS[direct]}")" "$(ratio "${MP99[nginx]}" "${MP99[direct]}")"
         fi
+    fi
+    if has_target gateway-tls && has_target nginx-tls; then
+        printf '  HTTPS: gateway-tls/nginx-tls   req/s %s   p99 %s   cpu/req %s   (issue 4 target: req/s >= 1.0)\n' \
+            "$(ratio "${MRPS[gateway-tls]}" "${MRPS[nginx-tls]}")" \
+            "$(ratio "${MP99[gateway-tls]}" "${MP99[nginx-tls]}")" \
+            "$(ratio "${MCPU[gateway-tls]}" "${MCPU[nginx-tls]}")"
     fi
     ((have_nginx)) || return 0
     if awk -v a="$rps_ratio" -v b="$p99_ratio" 'BEGIN { exit !(a >= 1.0 && b <= 1.0) }'; then
