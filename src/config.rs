@@ -80,7 +80,8 @@ pub struct QueueConfig {
     /// `retry_until` has passed since the job was received, then the job is dead.
     pub retry_schedule: Vec<Duration>,
     pub retry_until: Duration,
-    /// How long the group commit waits to gather concurrent webhooks into one transaction.
+    /// How long at most the group commit keeps a batch open while concurrent webhooks keep
+    /// arriving (it closes as soon as none is waiting), to gather them into one transaction.
     pub commit_window: Duration,
 }
 
