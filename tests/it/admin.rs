@@ -15,14 +15,14 @@ use http::header::{
     ALLOW, AUTHORIZATION, CONTENT_TYPE, COOKIE, HOST, LOCATION, ORIGIN, SET_COOKIE,
     WWW_AUTHENTICATE,
 };
-use http::{HeaderMap, Method, Request, Response, StatusCode};
+use http::{Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use serde_json::{json, Value};
 use tokio::sync::Notify;
 
-use crate::support::{TestGateway, TestUpstream};
+use crate::support::{Reply, TestGateway, TestUpstream};
 
 /// The site's access key.
 const KEY: &str = "admin-test-Key-5151";
@@ -80,29 +80,8 @@ fn token_file() -> (tempfile::TempDir, String) {
     (dir, line)
 }
 
-/// A complete answer.
-#[derive(Debug)]
-struct Reply {
-    status: StatusCode,
-    headers: HeaderMap,
-    body: Bytes,
-}
-
+// `Reply` (a complete answer) is in support.rs; what only these tests ask of it:
 impl Reply {
-    fn json(&self) -> Value {
-        assert_eq!(
-            self.headers.get(CONTENT_TYPE).map(|v| v.to_str().unwrap()),
-            Some("application/json"),
-            "{self:?}"
-        );
-        serde_json::from_slice(&self.body)
-            .unwrap_or_else(|e| panic!("answer is not JSON ({e}): {}", self.text()))
-    }
-
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.body).into_owned()
-    }
-
     fn header(&self, name: http::header::HeaderName) -> Option<&str> {
         self.headers.get(name).map(|v| v.to_str().unwrap())
     }

@@ -258,3 +258,30 @@ pub async fn raw_exchange(addr: SocketAddr, request: &[u8], limit: std::time::Du
     let _ = tokio::time::timeout(limit, stream.read_to_end(&mut out)).await;
     String::from_utf8_lossy(&out).into_owned()
 }
+
+/// A complete answer, as the webhook and admin tests read it.
+#[derive(Debug)]
+pub struct Reply {
+    pub status: hyper::StatusCode,
+    pub headers: hyper::HeaderMap,
+    pub body: Bytes,
+}
+
+impl Reply {
+    /// The body as JSON; the answer must say `application/json`.
+    pub fn json(&self) -> serde_json::Value {
+        assert_eq!(
+            self.headers
+                .get(hyper::header::CONTENT_TYPE)
+                .map(|v| v.to_str().unwrap()),
+            Some("application/json"),
+            "{self:?}"
+        );
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("answer is not JSON ({e}): {}", self.text()))
+    }
+
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+}

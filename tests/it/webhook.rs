@@ -21,7 +21,7 @@ use sqlx::sqlite::SqliteConnectOptions;
 use sqlx::{Connection, SqliteConnection};
 use tokio::sync::mpsc;
 
-use crate::support::{raw_exchange, TestGateway, TestUpstream};
+use crate::support::{raw_exchange, Reply, TestGateway, TestUpstream};
 
 /// The site's access key.
 const KEY: &str = "s3cret-Key-4242";
@@ -87,29 +87,8 @@ fn hook(action: &str, contact: Option<&str>) -> String {
     format!("/?{}", q.finish())
 }
 
-/// A complete answer.
-#[derive(Debug)]
-struct Reply {
-    status: StatusCode,
-    headers: HeaderMap,
-    body: Bytes,
-}
-
+// `Reply` (a complete answer) is in support.rs; what only these tests ask of it:
 impl Reply {
-    fn json(&self) -> Value {
-        assert_eq!(
-            self.headers.get(CONTENT_TYPE).map(|v| v.to_str().unwrap()),
-            Some("application/json"),
-            "{self:?}"
-        );
-        serde_json::from_slice(&self.body)
-            .unwrap_or_else(|e| panic!("answer is not JSON ({e}): {}", self.text()))
-    }
-
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.body).into_owned()
-    }
-
     /// The `job` field of a JSON answer.
     fn job(&self) -> i64 {
         self.json()["job"]
