@@ -16,13 +16,11 @@ use http::header::{
     WWW_AUTHENTICATE,
 };
 use http::{Method, Request, Response, StatusCode};
-use http_body_util::{BodyExt, Full};
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
+use http_body_util::Full;
 use serde_json::{json, Value};
 use tokio::sync::Notify;
 
-use crate::support::{Reply, TestGateway, TestUpstream};
+use crate::support::{send, Reply, TestGateway, TestUpstream};
 
 /// The site's access key.
 const KEY: &str = "admin-test-Key-5151";
@@ -94,24 +92,6 @@ impl Reply {
         assert_eq!(json["error"], code, "{json}");
         assert!(json["message"].as_str().is_some_and(|m| !m.is_empty()));
     }
-}
-
-/// Send one request (a fresh connection each time), within [`WAIT`].
-async fn send(req: Request<Full<Bytes>>) -> Reply {
-    let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
-    let exchange = async {
-        let resp = client.request(req).await.expect("answer");
-        let (parts, body) = resp.into_parts();
-        let body = body.collect().await.expect("body").to_bytes();
-        Reply {
-            status: parts.status,
-            headers: parts.headers,
-            body,
-        }
-    };
-    tokio::time::timeout(WAIT, exchange)
-        .await
-        .expect("answer in time")
 }
 
 /// A request to `url` with extra headers and a body.

@@ -285,3 +285,23 @@ impl Reply {
         String::from_utf8_lossy(&self.body).into_owned()
     }
 }
+
+/// Send one request (a fresh connection each time) and read the whole answer, within 10 s.
+pub async fn send(req: Request<Full<Bytes>>) -> Reply {
+    use http_body_util::BodyExt;
+    let client = hyper_util::client::legacy::Client::builder(TokioExecutor::new())
+        .build_http::<Full<Bytes>>();
+    let exchange = async {
+        let resp = client.request(req).await.expect("answer");
+        let (parts, body) = resp.into_parts();
+        let body = body.collect().await.expect("body").to_bytes();
+        Reply {
+            status: parts.status,
+            headers: parts.headers,
+            body,
+        }
+    };
+    tokio::time::timeout(std::time::Duration::from_secs(10), exchange)
+        .await
+        .expect("answer in time")
+}

@@ -14,14 +14,12 @@ use bytes::Bytes;
 use http::header::{ACCEPT, CONTENT_TYPE, HOST, RETRY_AFTER};
 use http::{HeaderMap, Method, Request, StatusCode};
 use http_body_util::{BodyExt, Full};
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
 use serde_json::{json, Value};
 use sqlx::sqlite::SqliteConnectOptions;
 use sqlx::{Connection, SqliteConnection};
 use tokio::sync::mpsc;
 
-use crate::support::{raw_exchange, Reply, TestGateway, TestUpstream};
+use crate::support::{raw_exchange, send, Reply, TestGateway, TestUpstream};
 
 /// The site's access key.
 const KEY: &str = "s3cret-Key-4242";
@@ -105,24 +103,6 @@ impl Reply {
             .parse()
             .unwrap_or_else(|_| panic!("Retry-After is not whole seconds: {value:?}"))
     }
-}
-
-/// Send one request (a fresh connection each time) and read the whole answer, within [`WAIT`].
-async fn send(req: Request<Full<Bytes>>) -> Reply {
-    let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
-    let exchange = async {
-        let resp = client.request(req).await.expect("answer");
-        let (parts, body) = resp.into_parts();
-        let body = body.collect().await.expect("body").to_bytes();
-        Reply {
-            status: parts.status,
-            headers: parts.headers,
-            body,
-        }
-    };
-    tokio::time::timeout(WAIT, exchange)
-        .await
-        .expect("answer in time")
 }
 
 fn request(
