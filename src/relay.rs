@@ -131,7 +131,7 @@ impl Processor for Relay {
 /// with `wpf_action` set to the job's merged action, `role`/`send_notification` from the job,
 /// and the site's current `access_key` (keys are never stored with jobs).
 fn build_request(site: &SiteConfig, job: &Job) -> Result<Request<Full<Bytes>>, ProcessError> {
-    let stored = &job.request;
+    let stored = &job.delivery.request;
     let (path, query) = stored
         .path_and_query
         .split_once('?')
@@ -178,16 +178,16 @@ fn build_request(site: &SiteConfig, job: &Job) -> Result<Request<Full<Bytes>>, P
 fn relay_query(stored_query: &str, job: &Job, key: &str) -> String {
     let overridden = ["wpf_action", "access_key", "role", "send_notification"];
     let mut out = form_urlencoded::Serializer::new(String::new());
-    out.append_pair("wpf_action", job.action.as_str());
+    out.append_pair("wpf_action", job.delivery.action.as_str());
     for (k, v) in form_urlencoded::parse(stored_query.as_bytes()) {
         if !overridden.contains(&k.as_ref()) {
             out.append_pair(&k, &v);
         }
     }
-    if let Some(role) = &job.role {
+    if let Some(role) = &job.delivery.role {
         out.append_pair("role", role);
     }
-    if let Some(notify) = job.send_notification {
+    if let Some(notify) = job.delivery.send_notification {
         out.append_pair("send_notification", if notify { "true" } else { "false" });
     }
     out.append_pair("access_key", key);

@@ -103,7 +103,7 @@ impl Worker {
         }
     }
 
-    #[tracing::instrument(skip_all, fields(job = %job.id, contact = %job.contact, action = %job.action))]
+    #[tracing::instrument(skip_all, fields(job = %job.id, contact = %job.delivery.contact, action = %job.delivery.action))]
     async fn run_job(&self, job: Job) {
         let started = std::time::Instant::now();
         let result = self.processor.process(&job).await;
@@ -119,7 +119,7 @@ impl Worker {
             Err(ProcessError::Permanent { .. }) => "failed",
         };
         // A clock set back makes the age unknown; count it as zero rather than not at all.
-        let age = job.received_at.elapsed().unwrap_or_default();
+        let age = job.delivery.received_at.elapsed().unwrap_or_default();
         self.metrics.job(&self.site, outcome, age);
         let recorded = match result {
             Ok(detail) => {

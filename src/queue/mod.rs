@@ -153,20 +153,13 @@ pub enum QueueError {
     Unavailable(String),
 }
 
-/// A job as a worker runs it: the merged action and parameters, the newest delivery.
+/// A job as a worker runs it.
 #[derive(Debug, Clone)]
 pub struct Job {
     pub id: JobId,
-    pub site: Arc<str>,
-    pub contact: ContactId,
-    pub action: Action,
-    pub role: Option<String>,
-    pub send_notification: Option<bool>,
-    pub payload_tags: Option<Vec<String>>,
-    /// The newest delivery merged into this job.
-    pub request: StoredRequest,
-    /// When the job's first delivery arrived.
-    pub received_at: SystemTime,
+    /// What to run: the merged action, the newest `role`, `send_notification`, payload tags
+    /// and request; `received_at` is when the job's *first* delivery arrived.
+    pub delivery: Delivery,
     /// Attempts so far, this one included.
     pub attempts: u32,
     /// Deliveries merged into this job (1 when none was merged).

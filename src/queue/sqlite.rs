@@ -445,11 +445,11 @@ impl SqliteQueue {
 
     async fn finish(&self, job: &Job, took: Duration, how: Finish) -> Result<(), QueueError> {
         self.call(|reply| Command::Finish {
-            site: job.site.clone(),
+            site: job.delivery.site.clone(),
             job: job.id,
-            action: job.action,
+            action: job.delivery.action,
             attempts: job.attempts,
-            received_at: job.received_at,
+            received_at: job.delivery.received_at,
             took,
             how,
             reply,
@@ -1456,8 +1456,7 @@ fn job_from_row(row: &sqlx::sqlite::SqliteRow) -> Result<Job, String> {
     let tags: Option<String> = row.get("payload_tags");
     let client_ip: String = row.get("client_ip");
     let body: Vec<u8> = row.get("body");
-    Ok(Job {
-        id: JobId(row.get("id")),
+    let delivery = Delivery {
         site: Arc::from(row.get::<String, _>("site")),
         contact: ContactId::parse(&contact).ok_or("bad contact id")?,
         action: Action::from_wpf_action(&action).ok_or("bad action")?,
@@ -1476,6 +1475,10 @@ fn job_from_row(row: &sqlx::sqlite::SqliteRow) -> Result<Job, String> {
             host: row.get("host"),
         },
         received_at: from_ms(row.get("received_at")),
+    };
+    Ok(Job {
+        id: JobId(row.get("id")),
+        delivery,
         attempts: u32::try_from(row.get::<i64, _>("attempts")).unwrap_or(u32::MAX),
         deliveries: u32::try_from(row.get::<i64, _>("deliveries")).unwrap_or(u32::MAX),
     })
@@ -1746,7 +1749,7 @@ mod tests {
         assert_eq!((depth[0].pending, depth[0].running), (1, 0));
         let next = lease(&q).await.unwrap();
         assert_eq!(
-            (next.id, next.action, next.deliveries),
+            (next.id, next.delivery.action, next.deliveries),
             (second.job(), Action::Add, 2)
         );
         q.close().await;
