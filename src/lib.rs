@@ -16,6 +16,7 @@
 
 pub mod admin;
 pub mod config;
+pub mod crm;
 pub mod metrics;
 pub mod pace;
 pub mod proxy;
@@ -24,6 +25,7 @@ pub mod relay;
 mod reload;
 pub mod route;
 pub mod server;
+pub mod store;
 pub mod systemd;
 pub mod tls;
 pub mod webhook;
