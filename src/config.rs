@@ -13,6 +13,7 @@
 //! with `key` the dotted path (`site[1].crm.api_key`, `server.listen[0]`). Messages never
 //! contain a secret value. [`render_resolved`] prints the result back as TOML for `check`.
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -120,6 +121,58 @@ pub struct CrmConfig {
     pub user: Option<String>,
     /// Outbound pace for this account (ActiveCampaign: 5/s).
     pub rate: Rate,
+    /// Longest time one API call may take (connect included).
+    pub timeout: Duration,
+    /// `add` with a generated password writes it to this CRM field (named as a
+    /// `[site.fields]` value, e.g. `field:12`), then locks the contact against the echo.
+    pub return_password_field: Option<String>,
+}
+
+/// Who a webhook may make a user (`[site.users]`).
+#[derive(Debug, Clone)]
+pub struct UsersConfig {
+    /// Roles a webhook's `role` parameter may grant; never `administrator`.
+    pub roles: Vec<String>,
+    /// Role of a new user when the webhook names none (or one not in `roles`).
+    pub default_role: String,
+}
+
+impl Default for UsersConfig {
+    fn default() -> Self {
+        UsersConfig {
+            roles: Vec::new(),
+            default_role: "subscriber".into(),
+        }
+    }
+}
+
+/// How the SMTP connection is secured.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MailTls {
+    /// Plain SMTP (a relay on localhost).
+    None,
+    /// STARTTLS on a plain connection (port 587), required.
+    Starttls,
+    /// TLS from the first byte (port 465).
+    Tls,
+}
+
+/// Welcome mail for users created by `add` with `send_notification=true` (`[site.mail]`).
+#[derive(Debug, Clone)]
+pub struct MailConfig {
+    pub host: String,
+    pub port: u16,
+    pub tls: MailTls,
+    pub user: Option<String>,
+    pub password: Option<Secret>,
+    /// `Name <address>` or `address`; checked at load.
+    pub from: String,
+    pub subject: String,
+    /// Shown in the mail so the user knows where to log in.
+    pub login_url: Option<String>,
+    /// Put the password in the mail (off by default: mail is not a safe channel).
+    pub include_password: bool,
 }
 
 /// Where direct mode writes users (`[site.store]`).
@@ -261,6 +314,12 @@ pub struct SiteConfig {
     pub limits: SiteLimits,
     pub crm: Option<CrmConfig>,
     pub store: StoreConfig,
+    /// `[site.fields]`: user meta key -> CRM field (as in [`crate::crm::Contact::fields`]).
+    /// `user_login` and `user_pass` name the fields a new user's username and password come
+    /// from. Defaults to first and last name for the site's CRM.
+    pub fields: BTreeMap<String, String>,
+    pub users: UsersConfig,
+    pub mail: Option<MailConfig>,
 }
 
 /// A configuration problem, located in the file.
@@ -640,6 +699,31 @@ mod raw {
         pub limits: Opt<RawLimits>,
         pub crm: Opt<RawCrm>,
         pub store: Opt<RawStore>,
+        pub fields: Opt<BTreeMap<String, Spanned<String>>>,
+        pub users: Opt<RawUsers>,
+        pub mail: Opt<RawMail>,
+    }
+
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub(super) struct RawUsers {
+        pub roles: Opt<Vec<Spanned<String>>>,
+        pub default_role: Opt<String>,
+    }
+
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub(super) struct RawMail {
+        pub host: Opt<String>,
+        pub port: Opt<Count>,
+        pub tls: Opt<MailTls>,
+        pub user: Opt<String>,
+        pub password: Opt<String>,
+        pub password_file: Opt<String>,
+        pub from: Opt<String>,
+        pub subject: Opt<String>,
+        pub login_url: Opt<String>,
+        pub include_password: Opt<bool>,
     }
 
     #[derive(Deserialize)]
@@ -661,6 +745,8 @@ mod raw {
         pub user: Opt<String>,
         pub rate: Opt<RateText>,
         pub rate_burst: Opt<Count>,
+        pub timeout: Opt<Dur>,
+        pub return_password_field: Opt<String>,
     }
 
     #[derive(Deserialize, Clone, Copy, PartialEq, Eq)]
@@ -784,7 +870,10 @@ mod raw {
 
     /// Keys whose values are secrets: their type errors must not echo the value.
     fn is_secret_key(path: &str) -> bool {
-        path.ends_with(".access_key") || path.ends_with(".api_key") || path.ends_with(".store.url")
+        path.ends_with(".access_key")
+            || path.ends_with(".api_key")
+            || path.ends_with(".store.url")
+            || path.ends_with(".mail.password")
     }
 
     /// Upper bound on serde passes: each pass removes one key, documents are small. Reaching
@@ -928,8 +1017,8 @@ mod validate {
     use toml::Spanned;
 
     use super::raw::{
-        Count, Dur, Opt, RawAdmin, RawConfig, RawCrm, RawLimits, RawLog, RawQueue, RawServer,
-        RawSite, RawStore, RawTls, Size, StoreKind,
+        Count, Dur, Opt, RawAdmin, RawConfig, RawCrm, RawLimits, RawLog, RawMail, RawQueue,
+        RawServer, RawSite, RawStore, RawTls, RawUsers, Size, StoreKind,
     };
     use super::*;
 
@@ -1825,6 +1914,16 @@ mod validate {
             .store
             .as_ref()
             .map_or(StoreConfig::Embedded, |st| store(cx, st, prefix));
+        let fields = match &s.fields {
+            Some(f) => fields(cx, f.get_ref(), prefix),
+            None => default_fields(crm.as_ref().map(|c| c.kind)),
+        };
+        let users = s
+            .users
+            .as_ref()
+            .map(|u| users(cx, u, prefix))
+            .unwrap_or_default();
+        let mail = s.mail.as_ref().map(|m| mail(cx, m, prefix));
         SiteConfig {
             name,
             hosts: hosts.into_iter().filter(|h| !h.is_empty()).collect(),
@@ -1871,6 +1970,150 @@ mod validate {
             limits,
             crm,
             store,
+            fields,
+            users,
+            mail,
+        }
+    }
+
+    /// The names WP Fusion maps by default: first and last name, in the CRM's own spelling.
+    fn default_fields(kind: Option<CrmKind>) -> BTreeMap<String, String> {
+        let (first, last) = match kind {
+            Some(CrmKind::ActiveCampaign) => ("firstName", "lastName"),
+            _ => ("first_name", "last_name"),
+        };
+        BTreeMap::from([
+            ("first_name".to_string(), first.to_string()),
+            ("last_name".to_string(), last.to_string()),
+        ])
+    }
+
+    fn fields(
+        cx: &mut Ctx<'_>,
+        raw: &BTreeMap<String, Spanned<String>>,
+        prefix: &str,
+    ) -> BTreeMap<String, String> {
+        let mut out = BTreeMap::new();
+        for (meta, field) in raw {
+            let key = format!("{prefix}.fields.{meta}");
+            let name = field.get_ref().trim();
+            if meta.trim().is_empty() || meta.chars().any(char::is_control) {
+                cx.problem(
+                    field,
+                    &key,
+                    "the meta key is empty or has control characters",
+                );
+            } else if name.is_empty() {
+                cx.problem(field, &key, "names no CRM field");
+            } else {
+                out.insert(meta.clone(), name.to_string());
+            }
+        }
+        out
+    }
+
+    /// A WordPress role slug: what `add_role()` accepts in practice.
+    fn role_name(text: &str) -> Result<(), String> {
+        let ok = !text.is_empty()
+            && text.len() <= 64
+            && text
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-');
+        if !ok {
+            return Err(format!(
+                "{text:?}: expected a role slug like \"subscriber\" (a-z, 0-9, _ and -)"
+            ));
+        }
+        if text == "administrator" {
+            return Err("\"administrator\" is never granted by a webhook".into());
+        }
+        Ok(())
+    }
+
+    fn users(cx: &mut Ctx<'_>, u: &Spanned<RawUsers>, prefix: &str) -> UsersConfig {
+        let u = u.get_ref();
+        let mut roles = Vec::new();
+        for (i, r) in u.roles.iter().flat_map(|r| r.get_ref().iter()).enumerate() {
+            match role_name(r.get_ref()) {
+                Ok(()) => roles.push(r.get_ref().clone()),
+                Err(m) => cx.problem(r, &format!("{prefix}.users.roles[{i}]"), m),
+            }
+        }
+        let default_role = match &u.default_role {
+            None => UsersConfig::default().default_role,
+            Some(r) => {
+                if let Err(m) = role_name(r.get_ref()) {
+                    cx.problem(r, &format!("{prefix}.users.default_role"), m);
+                }
+                r.get_ref().clone()
+            }
+        };
+        UsersConfig {
+            roles,
+            default_role,
+        }
+    }
+
+    fn mail(cx: &mut Ctx<'_>, m: &Spanned<RawMail>, prefix: &str) -> MailConfig {
+        let offset = m.span().start;
+        let prefix = format!("{prefix}.mail");
+        let key = |name: &str| format!("{prefix}.{name}");
+        let m = m.get_ref();
+        let text = |f: &Opt<String>| f.as_ref().map(|v| v.get_ref().trim().to_string());
+        let host = text(&m.host).unwrap_or_default();
+        if host.is_empty() {
+            match &m.host {
+                Some(h) => cx.problem(h, &key("host"), "is empty"),
+                None => cx.missing(offset, &key("host"), "missing: the SMTP server's name"),
+            }
+        }
+        let tls = m.tls.as_ref().map_or(MailTls::Starttls, |t| *t.get_ref());
+        let default_port = match tls {
+            MailTls::None => 25,
+            MailTls::Starttls => 587,
+            MailTls::Tls => 465,
+        };
+        let port = cx.count(&m.port, &key("port"), default_port, 1, 65535);
+        let password = (m.password.is_some() || m.password_file.is_some()).then(|| {
+            cx.secret(
+                offset,
+                &prefix,
+                "password",
+                &m.password,
+                &m.password_file,
+                1,
+            )
+        });
+        if password.is_some() != m.user.is_some() {
+            cx.missing(
+                offset,
+                &key("user"),
+                "user and password (or password_file) go together",
+            );
+        }
+        let from = text(&m.from).unwrap_or_default();
+        match &m.from {
+            None => cx.missing(
+                offset,
+                &key("from"),
+                "missing: the sender, e.g. \"Site <no-reply@example.com>\"",
+            ),
+            Some(f) => {
+                if from.parse::<lettre::message::Mailbox>().is_err() {
+                    cx.problem(f, &key("from"), format!("{from:?} is not a mail address"));
+                }
+            }
+        }
+        MailConfig {
+            host,
+            port: u16::try_from(port).unwrap_or(25),
+            tls,
+            user: text(&m.user),
+            password,
+            from,
+            subject: text(&m.subject).unwrap_or_else(|| "Your account".into()),
+            login_url: text(&m.login_url),
+            include_password: m.include_password.as_ref().is_some_and(|b| *b.get_ref()),
         }
     }
 
@@ -1958,12 +2201,26 @@ mod validate {
         let rate_text = c.rate.as_ref().map_or((5, Duration::from_secs(1)), |r| {
             (r.get_ref().0, r.get_ref().1)
         });
+        let return_password_field = c.return_password_field.as_ref().map(|f| {
+            let name = f.get_ref().trim();
+            if name.is_empty() {
+                cx.problem(f, &key("return_password_field"), "is empty");
+            }
+            name.to_string()
+        });
         CrmConfig {
             kind,
             url,
             api_key,
             user: c.user.as_ref().map(|u| u.get_ref().clone()),
             rate: rate(cx, rate_text, &c.rate_burst, &key("rate_burst")),
+            timeout: cx.duration(
+                &c.timeout,
+                &key("timeout"),
+                Duration::from_secs(10),
+                MIN_POSITIVE,
+            ),
+            return_password_field,
         }
     }
 
@@ -2203,6 +2460,11 @@ pub fn render_resolved(config: &Config) -> String {
                     q(&format_rate(c.rate.count, c.rate.per))
                 ));
                 line(format!("rate_burst = {}", c.rate.burst));
+                line(format!("timeout = {}", q(&format_duration(c.timeout))));
+                match &c.return_password_field {
+                    Some(f) => line(format!("return_password_field = {}", q(f))),
+                    None => line("# return_password_field: not set".into()),
+                }
             }
             None => line("\n# [site.crm]: not set".into()),
         }
@@ -2219,8 +2481,46 @@ pub fn render_resolved(config: &Config) -> String {
                 line(format!("table_prefix = {}", q(table_prefix)));
             }
         }
+
+        line("\n[site.fields]".into());
+        for (meta, field) in &site.fields {
+            line(format!("{} = {}", q(meta), q(field)));
+        }
+
+        line("\n[site.users]".into());
+        let roles: Vec<String> = site.users.roles.iter().map(|r| q(r)).collect();
+        line(format!("roles = [{}]", roles.join(", ")));
+        line(format!("default_role = {}", q(&site.users.default_role)));
+
+        match &site.mail {
+            Some(m) => {
+                line("\n[site.mail]".into());
+                line(format!("host = {}", q(&m.host)));
+                line(format!("port = {}", m.port));
+                line(format!("tls = {}", q(mail_tls_name(m.tls))));
+                if let Some(user) = &m.user {
+                    line(format!("user = {}", q(user)));
+                    line(format!("password = {MASK}"));
+                }
+                line(format!("from = {}", q(&m.from)));
+                line(format!("subject = {}", q(&m.subject)));
+                if let Some(url) = &m.login_url {
+                    line(format!("login_url = {}", q(url)));
+                }
+                line(format!("include_password = {}", m.include_password));
+            }
+            None => line("\n# [site.mail]: not set (no welcome mail)".into()),
+        }
     }
     out
+}
+
+fn mail_tls_name(t: MailTls) -> &'static str {
+    match t {
+        MailTls::None => "none",
+        MailTls::Starttls => "starttls",
+        MailTls::Tls => "tls",
+    }
 }
 
 fn log_format_name(f: LogFormat) -> &'static str {
@@ -3067,5 +3367,125 @@ table_prefix = "wpx_"
         let shown = render_resolved(&c).replace("\"***\"", "\"key-12345678\"");
         let again = parse_text(&shown).unwrap();
         assert_eq!(format!("{:?}", again), format!("{:?}", c));
+    }
+}
+
+#[cfg(test)]
+mod direct_mode_tests {
+    use super::*;
+
+    const SITE: &str = r#"
+[server]
+listen = ["127.0.0.1:8080"]
+[[site]]
+name = "main"
+upstream = "http://127.0.0.1:8081"
+access_key = "0123456789abcdef"
+mode = "direct"
+[site.crm]
+kind = "activecampaign"
+url = "http://127.0.0.1:7001"
+api_key = "k"
+"#;
+
+    fn parse_text(text: &str) -> Result<Config, ConfigError> {
+        parse(text, Path::new("/etc/wpf/gw.toml"))
+    }
+
+    fn problems(extra: &str) -> Vec<String> {
+        match parse_text(&format!("{SITE}{extra}")) {
+            Ok(_) => Vec::new(),
+            Err(e) => e
+                .problems
+                .iter()
+                .map(|p| format!("{}: {}: {}", p.line, p.key, p.message))
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn defaults_map_first_and_last_name_in_the_crms_spelling() {
+        let config = parse_text(SITE).unwrap();
+        let site = &config.sites[0];
+        assert_eq!(site.fields["first_name"], "firstName");
+        assert_eq!(site.fields["last_name"], "lastName");
+        assert!(site.users.roles.is_empty());
+        assert_eq!(site.users.default_role, "subscriber");
+        assert!(site.mail.is_none());
+        let crm = site.crm.as_ref().unwrap();
+        assert_eq!(crm.timeout, Duration::from_secs(10));
+        assert_eq!(crm.return_password_field, None);
+    }
+
+    #[test]
+    fn fields_users_and_mail_are_read() {
+        let config = parse_text(&format!(
+            "{SITE}return_password_field = \"field:12\"\n\
+             [site.fields]\nphone = \"phone\"\nuser_login = \"field:3\"\n\
+             [site.users]\nroles = [\"customer\", \"subscriber\"]\ndefault_role = \"customer\"\n\
+             [site.mail]\nhost = \"127.0.0.1\"\ntls = \"none\"\nfrom = \"Site <no-reply@example.com>\"\n"
+        ))
+        .unwrap();
+        let site = &config.sites[0];
+        assert_eq!(
+            site.crm.as_ref().unwrap().return_password_field.as_deref(),
+            Some("field:12")
+        );
+        assert_eq!(
+            site.fields.len(),
+            2,
+            "an explicit table replaces the defaults"
+        );
+        assert_eq!(site.fields["user_login"], "field:3");
+        assert_eq!(site.users.roles, ["customer", "subscriber"]);
+        let mail = site.mail.as_ref().unwrap();
+        assert_eq!((mail.port, mail.tls), (25, MailTls::None));
+        assert!(!mail.include_password);
+        let shown = render_resolved(&config);
+        assert!(
+            shown.contains("return_password_field = \"field:12\""),
+            "{shown}"
+        );
+        assert!(
+            shown.contains("roles = [\"customer\", \"subscriber\"]"),
+            "{shown}"
+        );
+    }
+
+    #[test]
+    fn administrator_is_never_grantable() {
+        let found = problems("[site.users]\nroles = [\"subscriber\", \"administrator\"]\n");
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert!(
+            found[0].contains("site[0].users.roles[1]: \"administrator\" is never granted"),
+            "{found:?}"
+        );
+        let found = problems("[site.users]\ndefault_role = \"administrator\"\n");
+        assert!(found[0].contains("site[0].users.default_role"), "{found:?}");
+        let found = problems("[site.users]\nroles = [\"Bad Role\"]\n");
+        assert!(found[0].contains("expected a role slug"), "{found:?}");
+    }
+
+    #[test]
+    fn mail_problems_name_their_keys_and_hide_the_password() {
+        let found = problems(
+            "[site.mail]\nhost = \"\"\nfrom = \"not an address\"\npassword = \"hunter22\"\n",
+        );
+        let text = found.join("\n");
+        assert!(text.contains("site[0].mail.host: is empty"), "{text}");
+        assert!(
+            text.contains("site[0].mail.from: \"not an address\" is not a mail address"),
+            "{text}"
+        );
+        assert!(
+            text.contains("site[0].mail.user: user and password"),
+            "{text}"
+        );
+        assert!(!text.contains("hunter22"), "{text}");
+        let found = problems("[site.fields]\nphone = \" \"\n");
+        assert!(
+            found[0].contains("site[0].fields.phone: names no CRM field"),
+            "{found:?}"
+        );
     }
 }
