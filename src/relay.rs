@@ -24,7 +24,7 @@ use crate::metrics::Metrics;
 use crate::pace::Pacer;
 use crate::proxy::{upstream_connector, Connector};
 use crate::queue::{BoxFuture, Job};
-use crate::worker::{ProcessError, Processor};
+use crate::worker::{ProcessError, Processed, Processor};
 
 /// Marks requests the gateway relays, so a site (or a test) can tell them from direct hits.
 pub const RELAYED_HEADER: HeaderName = HeaderName::from_static("x-wpf-gateway");
@@ -122,8 +122,8 @@ impl Relay {
 }
 
 impl Processor for Relay {
-    fn process<'a>(&'a self, job: &'a Job) -> BoxFuture<'a, Result<String, ProcessError>> {
-        Box::pin(self.relay(job))
+    fn process<'a>(&'a self, job: &'a Job) -> BoxFuture<'a, Result<Processed, ProcessError>> {
+        Box::pin(async move { self.relay(job).await.map(Processed::from) })
     }
 }
 

@@ -18,10 +18,30 @@ use tracing::Instrument;
 use crate::metrics::Metrics;
 use crate::queue::{BoxFuture, Job, Lease, SqliteQueue};
 
-/// Runs one job. Implementations: relay mode (forward to the site) and, later, direct mode.
+/// Runs one job. Implementations: relay mode (forward to the site) and direct mode (CRM ->
+/// user store).
 pub trait Processor: Send + Sync + 'static {
-    /// Process `job`; `Ok` carries a short description of what was done.
-    fn process<'a>(&'a self, job: &'a Job) -> BoxFuture<'a, Result<String, ProcessError>>;
+    /// Process `job`; `Ok` says what was done.
+    fn process<'a>(&'a self, job: &'a Job) -> BoxFuture<'a, Result<Processed, ProcessError>>;
+}
+
+/// What a processor did with a job.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Processed {
+    /// One line for the activity log.
+    pub detail: String,
+    /// Structured detail for a sync answer (direct mode: the contact loaded, the user
+    /// changed). Never holds secrets.
+    pub report: Option<serde_json::Value>,
+}
+
+impl From<String> for Processed {
+    fn from(detail: String) -> Self {
+        Processed {
+            detail,
+            report: None,
+        }
+    }
 }
 
 /// Why processing failed, and whether trying again can help.
@@ -112,7 +132,7 @@ impl Worker {
 
     /// Record the result: the one place that branches on transient vs permanent. The job's
     /// latency (first delivery to now) is observed here, by outcome.
-    async fn finish(&self, job: &Job, took: Duration, result: Result<String, ProcessError>) {
+    async fn finish(&self, job: &Job, took: Duration, result: Result<Processed, ProcessError>) {
         let outcome = match &result {
             Ok(_) => "done",
             Err(ProcessError::Transient { .. }) => "retry",
@@ -122,9 +142,11 @@ impl Worker {
         let age = job.delivery.received_at.elapsed().unwrap_or_default();
         self.metrics.job(&self.site, outcome, age);
         let recorded = match result {
-            Ok(detail) => {
+            Ok(Processed { detail, report }) => {
                 tracing::debug!(%detail, "job done");
-                self.queue.done(job, took, detail).await
+                self.queue
+                    .done(job, took, detail, report.map(Arc::new))
+                    .await
             }
             Err(ProcessError::Transient {
                 reason,

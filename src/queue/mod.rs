@@ -169,9 +169,18 @@ pub struct Job {
 /// How a job ended, for a webhook answered in `respond = "sync"` mode.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum JobOutcome {
-    Done { detail: String },
-    Failed { code: String, reason: String },
-    Dead { reason: String },
+    /// `report`: what a direct-mode job loaded and changed (the sync answer shows it).
+    Done {
+        detail: String,
+        report: Option<Arc<serde_json::Value>>,
+    },
+    Failed {
+        code: String,
+        reason: String,
+    },
+    Dead {
+        reason: String,
+    },
 }
 
 /// One line of the activity log: what happened to a webhook or a job. Never holds secrets.

@@ -114,6 +114,7 @@ pub enum Lease {
 enum Finish {
     Done {
         detail: String,
+        report: Option<Arc<serde_json::Value>>,
     },
     Retry {
         reason: String,
@@ -406,8 +407,15 @@ impl SqliteQueue {
     }
 
     /// The job succeeded.
-    pub async fn done(&self, job: &Job, took: Duration, detail: String) -> Result<(), QueueError> {
-        self.finish(job, took, Finish::Done { detail }).await
+    pub async fn done(
+        &self,
+        job: &Job,
+        took: Duration,
+        detail: String,
+        report: Option<Arc<serde_json::Value>>,
+    ) -> Result<(), QueueError> {
+        self.finish(job, took, Finish::Done { detail, report })
+            .await
     }
 
     /// The job failed transiently: run it again on the retry schedule (or after
@@ -1259,9 +1267,14 @@ impl State {
             detail: String::new(),
         };
         let (state, result, error, outcome) = match how {
-            Finish::Done { detail } => {
+            Finish::Done { detail, report } => {
                 activity.detail = detail.clone();
-                ("done", detail.clone(), None, JobOutcome::Done { detail })
+                (
+                    "done",
+                    detail.clone(),
+                    None,
+                    JobOutcome::Done { detail, report },
+                )
             }
             Finish::Failed { code, reason } => {
                 activity.outcome = "failed";
@@ -1709,7 +1722,9 @@ mod tests {
         );
         let again = lease(&q).await.expect("replayed job is pending");
         assert_eq!((again.id, again.attempts), (id, 1));
-        q.done(&again, Duration::ZERO, "ok".into()).await.unwrap();
+        q.done(&again, Duration::ZERO, "ok".into(), None)
+            .await
+            .unwrap();
         let outcomes: Vec<String> = q
             .activity(&ActivityFilter {
                 limit: 10,

@@ -415,10 +415,11 @@ fn queue_rejection(e: QueueError) -> Rejection {
 fn sync_answer(admission: Admission, contact: ContactId, outcome: JobOutcome) -> Answer {
     let job = admission.job();
     match outcome {
-        JobOutcome::Done { detail } => Answer::Done {
+        JobOutcome::Done { detail, report } => Answer::Done {
             job,
             contact,
             result: detail,
+            report,
         },
         JobOutcome::Failed { code, reason } => {
             let mut r = Rejection::new(

@@ -4,6 +4,7 @@
 //! JSON is `{"ok":bool,"status":STR,...}`; errors add `"error":CODE,"message":TEXT`. Nothing
 //! here ever holds the access key: answers are built from parsed fields, not from the URL.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use http::header::{HeaderValue, CONTENT_TYPE, RETRY_AFTER};
@@ -40,6 +41,8 @@ pub enum Answer {
         job: JobId,
         contact: ContactId,
         result: String,
+        /// Direct mode: the contact as loaded and what changed in the user store.
+        report: Option<Arc<Value>>,
     },
     /// `wpf_action=test`.
     Test,
@@ -153,11 +156,15 @@ impl Answer {
                 job,
                 contact,
                 result,
+                report,
             } => {
                 m.insert("status".into(), "done".into());
                 m.insert("job".into(), job.0.into());
                 m.insert("contact_id".into(), contact.as_str().into());
                 m.insert("result".into(), result.as_str().into());
+                if let Some(report) = report {
+                    m.insert("report".into(), Value::clone(report));
+                }
             }
             Answer::Test => {
                 m.insert("status".into(), "ok".into());
@@ -200,20 +207,10 @@ impl Answer {
             Answer::Queued { .. } | Answer::Coalesced { .. } => ("#2271b1", "Webhook accepted"),
             _ => ("#00a32a", "Webhook processed"),
         };
-        let mut rows = String::new();
-        if let Value::Object(m) = &json {
-            for (k, v) in m {
-                let v = match v {
-                    Value::String(s) => s.clone(),
-                    other => other.to_string(),
-                };
-                rows.push_str(&format!(
-                    "<tr><th>{}</th><td>{}</td></tr>",
-                    escape_html(k),
-                    escape_html(&v)
-                ));
-            }
-        }
+        let rows = match &json {
+            Value::Object(m) => html_rows(m),
+            _ => String::new(),
+        };
         format!(
             "<!doctype html><html><head><meta charset=\"utf-8\"><title>{title}</title>\
              <style>body{{font:15px sans-serif;margin:2em}}.n{{border-left:4px solid {colour};\
@@ -247,6 +244,30 @@ impl Answer {
                 .insert(RETRY_AFTER, HeaderValue::from(ceil_secs(wait)));
         }
         resp
+    }
+}
+
+/// Table rows of an object: nested objects become nested tables (a sync answer's report:
+/// the contact's fields, the user), arrays comma-separated lists. Every key and value is
+/// escaped: CRM data is whatever someone typed into the CRM.
+fn html_rows(object: &Map<String, Value>) -> String {
+    let mut rows = String::new();
+    for (k, v) in object {
+        rows.push_str(&format!(
+            "<tr><th>{}</th><td>{}</td></tr>",
+            escape_html(k),
+            html_value(v)
+        ));
+    }
+    rows
+}
+
+fn html_value(value: &Value) -> String {
+    match value {
+        Value::String(s) => escape_html(s),
+        Value::Object(m) => format!("<table>{}</table>", html_rows(m)),
+        Value::Array(items) => items.iter().map(html_value).collect::<Vec<_>>().join(", "),
+        other => escape_html(&other.to_string()),
     }
 }
 
@@ -344,11 +365,19 @@ mod tests {
             job: JobId(1),
             contact: contact("<script>alert(1)</script>"),
             result: "a & b".into(),
+            report: Some(Arc::new(serde_json::json!({
+                "contact": {
+                    "fields": {"firstName": "<script>alert(1)</script>", "<b>": "x"},
+                    "tags": ["<i>VIP</i>", "a\"b"],
+                },
+            }))),
         };
         let html = a.to_html();
-        assert!(!html.contains("<script>"));
+        assert!(!html.contains("<script>"), "{html}");
+        assert!(!html.contains("<b>") && !html.contains("<i>"), "{html}");
         assert!(html.contains("&lt;script&gt;"));
         assert!(html.contains("a &amp; b"));
+        assert!(html.contains("&lt;i&gt;VIP&lt;/i&gt;, a&quot;b"), "{html}");
     }
 
     #[test]
