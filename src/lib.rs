@@ -17,6 +17,8 @@
 pub mod admin;
 pub mod config;
 pub mod crm;
+pub mod direct;
+pub mod mail;
 pub mod metrics;
 pub mod pace;
 pub mod proxy;
