@@ -141,7 +141,14 @@ pub async fn hash_password(password: String, cost: u32) -> Result<String, StoreE
     let parts = tokio::task::spawn_blocking(move || bcrypt::hash_with_result(password, cost))
         .await
         .map_err(|e| StoreError::Unavailable(format!("password hashing task failed: {e}")))?
-        .map_err(|e| StoreError::Conflict(format!("cannot hash the password: {e}")))?;
+        .map_err(|e| match e {
+            // The OS had no randomness for the salt: may pass on a retry.
+            bcrypt::BcryptError::Rand(_) => {
+                StoreError::Unavailable(format!("cannot hash the password: {e}"))
+            }
+            // A cost out of range: a bug or a bad option, the same on every retry.
+            _ => StoreError::Conflict(format!("cannot hash the password: {e}")),
+        })?;
     Ok(parts.format_for_version(bcrypt::Version::TwoY))
 }
 
