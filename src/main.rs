@@ -4,10 +4,11 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{ArgGroup, Parser, Subcommand};
 use tokio::signal::unix::{signal, SignalKind};
 use tokio_util::sync::CancellationToken;
 use wpf_gateway::config::{LogConfig, LogFormat};
+use wpf_gateway::store::{self, UserQuery};
 
 /// mimalloc instead of glibc malloc: see Cargo.toml. The binary only; tests keep the default.
 #[global_allocator]
@@ -36,6 +37,21 @@ enum Command {
         #[arg(long)]
         config: PathBuf,
     },
+    /// Print a user of the embedded store as JSON (read-only; safe while the gateway runs).
+    #[command(group(ArgGroup::new("who").required(true).args(["contact_id", "email"])))]
+    User {
+        #[arg(long)]
+        config: PathBuf,
+        /// The site's `name` in the configuration.
+        #[arg(long)]
+        site: String,
+        /// The CRM contact the user is linked to.
+        #[arg(long)]
+        contact_id: Option<String>,
+        /// The user's email (compared case-insensitively).
+        #[arg(long)]
+        email: Option<String>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -43,6 +59,50 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Run { config } => run(config),
         Command::Check { config } => check(config),
+        Command::User {
+            config,
+            site,
+            contact_id,
+            email,
+        } => {
+            // clap's group makes exactly one of the two present.
+            let query = match (contact_id, email) {
+                (Some(id), _) => UserQuery::ContactId(id),
+                (None, email) => UserQuery::Email(email.unwrap_or_default()),
+            };
+            user(config, &site, &query)
+        }
+    }
+}
+
+/// `user`: print the stored user as JSON; exit 1 with a message when there is none.
+fn user(path: PathBuf, site: &str, query: &UserQuery) -> ExitCode {
+    let config = match wpf_gateway::config::load(&path) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("cannot start runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(store::lookup_user(&config, site, query)) {
+        Ok(user) => {
+            println!("{}", store::render_user_json(&user));
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("wpf-gateway: {e}");
+            ExitCode::FAILURE
+        }
     }
 }
 

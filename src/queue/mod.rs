@@ -16,6 +16,8 @@ pub mod index;
 mod sqlite;
 
 pub use sqlite::{ActivityFilter, ActivityRow, JobRow, Lease, SiteDepth, SqliteQueue};
+// SQLite helpers the embedded user store shares (one way to open, migrate and keep times).
+pub(crate) use sqlite::{from_ms, now_ms, prepare_schema, sqlite_options};
 
 /// A boxed future, so that [`JobQueue`] can be used as `dyn JobQueue`.
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;

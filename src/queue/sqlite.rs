@@ -280,23 +280,22 @@ impl SqliteQueue {
         })?;
         let path = data_dir.join("queue.sqlite3");
         let named = |e: sqlx::Error| QueueError::Unavailable(format!("{}: {e}", path.display()));
-        let options = SqliteConnectOptions::from_str("sqlite://")
-            .map_err(named)?
-            .filename(&path)
-            .create_if_missing(true)
-            .journal_mode(SqliteJournalMode::Wal)
-            .synchronous(match config.durability {
+        let options = sqlite_options(
+            &path,
+            match config.durability {
                 // In WAL mode FULL syncs the log on every commit; NORMAL only at checkpoints,
                 // which survives a crash of the process but not of the machine.
                 Durability::Fsync => SqliteSynchronous::Full,
                 Durability::Os => SqliteSynchronous::Normal,
-            })
-            .busy_timeout(Duration::from_secs(5))
-            .statement_cache_capacity(64);
+            },
+        )
+        .map_err(named)?;
         let mut conn = SqliteConnection::connect_with(&options)
             .await
             .map_err(named)?;
-        prepare_schema(&mut conn).await.map_err(named)?;
+        prepare_schema(&mut conn, "queue", SCHEMA, SCHEMA_VERSION)
+            .await
+            .map_err(named)?;
         let now = now_ms();
         sqlx::query("UPDATE jobs SET state = 'pending' WHERE state = 'running'")
             .execute(&mut conn)
@@ -652,16 +651,18 @@ fn closed() -> QueueError {
 }
 
 /// Milliseconds since the Unix epoch.
-fn now_ms() -> i64 {
+pub(crate) fn now_ms() -> i64 {
     to_ms(SystemTime::now())
 }
 
+/// Milliseconds since the Unix epoch, as SQLite columns keep times (0 before the epoch).
 fn to_ms(t: SystemTime) -> i64 {
     t.duration_since(UNIX_EPOCH)
         .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
-fn from_ms(ms: i64) -> SystemTime {
+/// The inverse of [`to_ms`].
+pub(crate) fn from_ms(ms: i64) -> SystemTime {
     UNIX_EPOCH + Duration::from_millis(ms.max(0) as u64)
 }
 
@@ -683,21 +684,45 @@ fn fingerprint(d: &Delivery) -> u64 {
     h.finish()
 }
 
-async fn prepare_schema(conn: &mut SqliteConnection) -> Result<(), sqlx::Error> {
-    let version: i64 = sqlx::query_scalar("PRAGMA user_version")
+/// Connection options every SQLite file of the gateway opens with: created if missing, WAL
+/// (readers never wait for the writer), a busy timeout (a connection that finds the file
+/// locked by another one waits instead of failing) and cached statements.
+pub(crate) fn sqlite_options(
+    path: &Path,
+    synchronous: SqliteSynchronous,
+) -> Result<SqliteConnectOptions, sqlx::Error> {
+    Ok(SqliteConnectOptions::from_str("sqlite://")?
+        .filename(path)
+        .create_if_missing(true)
+        .journal_mode(SqliteJournalMode::Wal)
+        .synchronous(synchronous)
+        .busy_timeout(Duration::from_secs(5))
+        .statement_cache_capacity(64))
+}
+
+/// Create `schema` (idempotent `CREATE … IF NOT EXISTS` statements separated by `;`) and
+/// record `version` in `PRAGMA user_version`; a file of a newer version is refused, so an
+/// older binary never writes a layout it does not know. `what` names the file in that error.
+pub(crate) async fn prepare_schema(
+    conn: &mut SqliteConnection,
+    what: &str,
+    schema: &str,
+    version: i64,
+) -> Result<(), sqlx::Error> {
+    let found: i64 = sqlx::query_scalar("PRAGMA user_version")
         .fetch_one(&mut *conn)
         .await?;
-    if version > SCHEMA_VERSION {
+    if found > version {
         return Err(sqlx::Error::Protocol(format!(
-            "queue schema version {version} is newer than this wpf-gateway ({SCHEMA_VERSION})"
+            "{what} schema version {found} is newer than this wpf-gateway ({version})"
         )));
     }
     // `sqlx::raw_sql` would run the script at once, but its futures are not `Send` in a
     // spawned task (rust-lang/rust#102211); the statements are few, so run them one by one.
-    for statement in SCHEMA.split(';').map(str::trim).filter(|s| !s.is_empty()) {
+    for statement in schema.split(';').map(str::trim).filter(|s| !s.is_empty()) {
         sqlx::query(statement).execute(&mut *conn).await?;
     }
-    sqlx::query(&format!("PRAGMA user_version = {SCHEMA_VERSION}"))
+    sqlx::query(&format!("PRAGMA user_version = {version}"))
         .execute(&mut *conn)
         .await?;
     Ok(())

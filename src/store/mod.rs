@@ -5,11 +5,20 @@
 //! A store change is one call, [`UserStore::apply`], and one transaction: find the user by
 //! contact id, else by email; update it, or create it when asked to. Finding and creating in
 //! one transaction is what keeps `add` from ever making a second user for one contact.
+//!
+//! Also here, for every store: the WordPress-compatible password hash ([`hash_password`]),
+//! and what `wpf-gateway user` prints ([`lookup_user`], [`render_user_json`]).
 
 use std::collections::BTreeMap;
+use std::fmt;
 use std::time::SystemTime;
 
+use crate::config::{Config, StoreConfig};
 use crate::queue::BoxFuture;
+
+pub mod embedded;
+
+pub use embedded::{EmbeddedOptions, EmbeddedStore};
 
 /// A stored user. The password hash never leaves the store.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -45,14 +54,26 @@ pub struct UserChange {
 }
 
 /// How to create the user when none matches.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct NewUser {
-    /// Preferred username; the store appends `-2`, `-3`, ... until it is unique.
+    /// Preferred username; the store appends `-2`, `-3`, ... until it is unique. Empty: the
+    /// email is the username (as WP Fusion does when no username is mapped).
     pub username: String,
-    /// Plain password; the store keeps only its bcrypt hash.
+    /// Plain password; the store keeps only its bcrypt hash. `Debug` prints `***`.
     pub password: String,
     /// Role when [`UserChange::role`] is `None`.
     pub role: String,
+}
+
+// By hand, so that a `{:?}` of a change (a log line, a test failure) never shows a password.
+impl fmt::Debug for NewUser {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("NewUser")
+            .field("username", &self.username)
+            .field("password", &"***")
+            .field("role", &self.role)
+            .finish()
+    }
 }
 
 /// What [`UserStore::apply`] did.
@@ -63,7 +84,8 @@ pub struct Applied {
     /// True when the user was created by this change.
     pub created: bool,
     /// What changed, for the activity log and the browser view: `tags`, `email`, `role`,
-    /// `contact_id`, `meta:KEY`, in that order. Empty when the user already matched.
+    /// `contact_id`, `meta:KEY` (keys in order), in that order. Empty when the user already
+    /// matched. For a created user: what the creation set (`tags` only when there are some).
     pub changed: Vec<String>,
 }
 
@@ -80,6 +102,54 @@ pub enum StoreError {
     /// The database failed (I/O, busy, connection lost): a retry can help.
     #[error("user store unavailable: {0}")]
     Unavailable(String),
+}
+
+/// SQL failures as the worker needs them: a broken rule of the schema (a unique email,
+/// username or contact id, a missing value) is a [`StoreError::Conflict`] that no retry fixes;
+/// anything else (busy, locked, I/O, a lost connection, a pool timeout) is
+/// [`StoreError::Unavailable`]. sqlx's error kinds are the same for SQLite and MySQL, so both
+/// stores map alike. Messages never hold bound values, so no password or hash.
+impl From<sqlx::Error> for StoreError {
+    fn from(e: sqlx::Error) -> Self {
+        use sqlx::error::ErrorKind;
+        match &e {
+            sqlx::Error::Database(db)
+                if matches!(
+                    db.kind(),
+                    ErrorKind::UniqueViolation
+                        | ErrorKind::ForeignKeyViolation
+                        | ErrorKind::NotNullViolation
+                        | ErrorKind::CheckViolation
+                ) =>
+            {
+                StoreError::Conflict(db.message().to_owned())
+            }
+            _ => StoreError::Unavailable(e.to_string()),
+        }
+    }
+}
+
+/// WordPress's cost for bcrypt (`password_hash` with `PASSWORD_BCRYPT`, PHP's default).
+pub const BCRYPT_COST: u32 = 10;
+
+/// The bcrypt hash of `password` at `cost`, with the `$2y$` prefix PHP writes, which
+/// WordPress (≥ 6.8, `wp_check_password` → `password_verify`) accepts as it is. Runs on the
+/// blocking pool: a cost-10 hash takes tens of milliseconds of CPU, too long for the async
+/// threads. Passwords longer than 72 bytes are cut there, as PHP's bcrypt does, so both sides
+/// agree. The error never contains the password.
+pub async fn hash_password(password: String, cost: u32) -> Result<String, StoreError> {
+    let parts = tokio::task::spawn_blocking(move || bcrypt::hash_with_result(password, cost))
+        .await
+        .map_err(|e| StoreError::Unavailable(format!("password hashing task failed: {e}")))?
+        .map_err(|e| match e {
+            // The OS had no randomness for the salt: may pass on a retry.
+            bcrypt::BcryptError::Rand(_) => {
+                StoreError::Unavailable(format!("cannot hash the password: {e}"))
+            }
+            // A cost out of range: a bug or a bad option, the same on every retry.
+            _ => StoreError::Conflict(format!("cannot hash the password: {e}")),
+        })?;
+    Ok(parts.format_for_version(bcrypt::Version::TwoY))
 }
 
 /// Users of every site, keyed by site name.
@@ -104,4 +174,106 @@ pub trait UserStore: Send + Sync + 'static {
         site: &'a str,
         email: &'a str,
     ) -> BoxFuture<'a, Result<Option<User>, StoreError>>;
+}
+
+/// Which user `wpf-gateway user` asks for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum UserQuery {
+    ContactId(String),
+    /// Compared case-insensitively.
+    Email(String),
+}
+
+/// Why `wpf-gateway user` found no user to print.
+#[derive(Debug, thiserror::Error)]
+pub enum LookupError {
+    #[error("no site named {site:?} in {file}")]
+    UnknownSite { site: String, file: String },
+    #[error(
+        "site {site:?} keeps its users in WordPress ([site.store] kind = \"wordpress\"); \
+         `wpf-gateway user` reads the embedded store only"
+    )]
+    NotEmbedded { site: String },
+    #[error("no user of site {site:?} is linked to contact {contact_id}")]
+    NoUserForContact { site: String, contact_id: String },
+    #[error("no user of site {site:?} has the email {email}")]
+    NoUserForEmail { site: String, email: String },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// The stored user of `site` that `query` names, for `wpf-gateway user`. Opens the embedded
+/// store read-only, so it is safe while a gateway is running on the same `data_dir`.
+pub async fn lookup_user(
+    config: &Config,
+    site: &str,
+    query: &UserQuery,
+) -> Result<User, LookupError> {
+    let site_config = config
+        .sites
+        .iter()
+        .find(|s| s.name == site)
+        .ok_or_else(|| LookupError::UnknownSite {
+            site: site.to_owned(),
+            file: config.source.display().to_string(),
+        })?;
+    if !matches!(site_config.store, StoreConfig::Embedded) {
+        return Err(LookupError::NotEmbedded {
+            site: site.to_owned(),
+        });
+    }
+    let store = EmbeddedStore::open_read_only(&config.server.data_dir).await?;
+    let found = match query {
+        UserQuery::ContactId(id) => store.by_contact(site, id).await,
+        UserQuery::Email(email) => store.by_email(site, email).await,
+    };
+    store.close().await;
+    found?.ok_or_else(|| match query {
+        UserQuery::ContactId(id) => LookupError::NoUserForContact {
+            site: site.to_owned(),
+            contact_id: id.clone(),
+        },
+        UserQuery::Email(email) => LookupError::NoUserForEmail {
+            site: site.to_owned(),
+            email: email.clone(),
+        },
+    })
+}
+
+/// `user` as the JSON `wpf-gateway user` prints (DESIGN §5): `id`, `username`, `email`,
+/// `role`, `contact_id` (`null` when unlinked), `tags`, `meta`, then `created` and `updated`
+/// as RFC 3339 UTC. [`User`] has no password hash, so none can be printed.
+pub fn render_user_json(user: &User) -> String {
+    #[derive(serde::Serialize)]
+    struct Json<'a> {
+        id: u64,
+        username: &'a str,
+        email: &'a str,
+        role: &'a str,
+        contact_id: Option<&'a str>,
+        tags: &'a [String],
+        meta: &'a BTreeMap<String, String>,
+        created: String,
+        updated: String,
+    }
+    let json = Json {
+        id: user.id,
+        username: &user.username,
+        email: &user.email,
+        role: &user.role,
+        contact_id: user.contact_id.as_deref(),
+        tags: &user.tags,
+        meta: &user.meta,
+        created: rfc3339(user.created),
+        updated: rfc3339(user.updated),
+    };
+    // Strings, numbers and string maps only: serializing cannot fail.
+    serde_json::to_string_pretty(&json).unwrap_or_default()
+}
+
+/// `2025-01-31T12:00:00.123Z`.
+fn rfc3339(t: SystemTime) -> String {
+    time::OffsetDateTime::from(t)
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default()
 }

@@ -9,6 +9,7 @@ mod proxy;
 mod reload;
 mod server;
 mod smoke;
+mod store;
 mod systemd;
 mod tls;
 mod webhook;
