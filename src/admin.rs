@@ -15,6 +15,10 @@
 //! DELETE /api/locks/{site}/{contact}
 //! ```
 //!
+//! **Sites.** Those of the running configuration, read from the gateway's current routing on
+//! each request: after a reload the page, the `site` filters and the lock endpoints know the
+//! new list, and a name it dropped is `404 unknown_site`.
+//!
 //! **Who may ask.** With `token_file`, every path but `/healthz` and `/readyz` needs
 //! `Authorization: Bearer TOKEN`. A browser opens `/?token=TOKEN` once: the answer is a 303 to
 //! `/` that sets an `HttpOnly; SameSite=Strict` cookie holding a random per-process session
@@ -60,7 +64,7 @@ use crate::config::{Config, Secret, SiteConfig};
 use crate::metrics::Metrics;
 use crate::queue::{ActivityFilter, ActivityRow, ContactId, JobId, JobRow, SqliteQueue};
 use crate::webhook::respond::escape_html;
-use crate::{full_body, Body};
+use crate::{full_body, Body, Gateway};
 
 /// Admin connections open at once; more wait in the accept backlog.
 const MAX_CONNECTIONS: usize = 64;
@@ -189,7 +193,9 @@ pub struct Admin {
     queue: Arc<SqliteQueue>,
     metrics: Arc<Metrics>,
     health: Arc<Health>,
-    sites: Vec<Arc<SiteConfig>>,
+    /// Its current routing holds the sites: a reload swaps that, and every admin request reads
+    /// the list afresh, so the page and the API never lag behind what requests are routed to.
+    gateway: Arc<Gateway>,
     token: Option<Secret>,
     /// Value of the browser session cookie (random per process).
     session: Secret,
@@ -201,6 +207,8 @@ pub struct Admin {
 /// The last reachability check of a site's upstream.
 #[derive(Debug, Clone)]
 struct Reach {
+    /// The upstream checked: a reload that changes it makes the result stale at once.
+    upstream: String,
     checked: Instant,
     error: Option<String>,
 }
@@ -224,9 +232,11 @@ fn ct_eq(a: &str, b: &str) -> bool {
 }
 
 impl Admin {
-    /// Read the token file (if any) and draw the session and CSRF values.
+    /// Read the token file (if any) and draw the session and CSRF values. The sites are those
+    /// of `gateway`'s current routing, whichever configuration that is at the time of a request.
     pub fn new(
         config: &Config,
+        gateway: Arc<Gateway>,
         queue: Arc<SqliteQueue>,
         metrics: Arc<Metrics>,
         health: Arc<Health>,
@@ -250,7 +260,7 @@ impl Admin {
             queue,
             metrics,
             health,
-            sites: config.sites.iter().cloned().map(Arc::new).collect(),
+            gateway,
             token,
             session: random_hex()?,
             csrf: random_hex()?,
@@ -470,13 +480,11 @@ impl Admin {
         resp
     }
 
-    fn site(&self, name: &str) -> Option<&Arc<SiteConfig>> {
-        self.sites.iter().find(|s| s.name == name)
-    }
-
-    /// A configured site, or 404.
-    fn known_site(&self, name: &str) -> Result<&Arc<SiteConfig>, Refusal> {
-        self.site(name).ok_or_else(|| {
+    /// A site of the running configuration, or 404.
+    fn known_site(&self, name: &str) -> Result<Arc<SiteConfig>, Refusal> {
+        let routing = self.gateway.routing();
+        let site = routing.router.sites().iter().find(|s| s.name == name);
+        site.cloned().ok_or_else(|| {
             Refusal::new(
                 StatusCode::NOT_FOUND,
                 "unknown_site",
@@ -628,13 +636,16 @@ impl Admin {
     }
 
     /// Each site's upstream: a TCP connect at most every [`REACH_TTL`], checked concurrently.
-    async fn reachability(&self) -> HashMap<String, Reach> {
+    async fn reachability(&self, sites: &[Arc<SiteConfig>]) -> HashMap<String, Reach> {
         let mut cache = self.reach.lock().await;
+        // Sites a reload removed are forgotten.
+        cache.retain(|name, _| sites.iter().any(|s| s.name == *name));
         let mut checks = tokio::task::JoinSet::new();
-        for site in &self.sites {
+        for site in sites {
+            let shown = site.upstream.to_string();
             let fresh = cache
                 .get(&site.name)
-                .is_some_and(|r| r.checked.elapsed() < REACH_TTL);
+                .is_some_and(|r| r.checked.elapsed() < REACH_TTL && r.upstream == shown);
             if fresh {
                 continue;
             }
@@ -664,6 +675,7 @@ impl Admin {
                 (
                     name,
                     Reach {
+                        upstream: shown,
                         checked: Instant::now(),
                         error,
                     },
@@ -679,7 +691,10 @@ impl Admin {
     }
 
     async fn page(&self, query: Option<&str>) -> Response<Body> {
-        let reach = self.reachability().await;
+        // One routing for the whole page, so a reload meanwhile cannot mix two site lists.
+        let routing = self.gateway.routing();
+        let sites = routing.router.sites();
+        let reach = self.reachability(sites).await;
         let depth = self.queue.count_by_site_state().await;
         let activity = self
             .queue
@@ -720,7 +735,7 @@ impl Admin {
         });
         let view = PageView {
             state: self.health.state(),
-            sites: &self.sites,
+            sites,
             reach: &reach,
             depth: &depth,
             activity: &activity,
@@ -1217,6 +1232,7 @@ impl PageView<'_> {
                 Some(Reach {
                     error: Some(e),
                     checked,
+                    ..
                 }) => format!(
                     "<span class=\"badge o-err\" title=\"{}\">no</span> \
                      <span class=\"muted\">{}s ago</span>",

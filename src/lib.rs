@@ -289,6 +289,7 @@ pub async fn run_with(
     let admin = match &listeners.admin {
         Some(_) => Some(admin::Admin::new(
             &config,
+            gateway.clone(),
             queue.clone(),
             metrics.clone(),
             health.clone(),

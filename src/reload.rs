@@ -1,17 +1,22 @@
 //! Live reload (SIGHUP, or a [`crate::ReloadHandle`]): the config file is read again and, if
-//! it is valid, its sites, upstreams, keys, limits and workers take over without dropping a
-//! connection or a queued job; certificates are read again too.
+//! it is valid, its sites, upstreams, keys, limits, workers and certificates take over without
+//! dropping a connection or a queued job.
 //!
 //! ```text
 //! read + validate (FILE:LINE errors: keep running as before)
-//!   -> note what needs a restart (listeners, data_dir, queue, server, admin, log, tls list)
-//!   -> build the new routing (router, front door, proxy) -> swap it in (new requests use it)
+//!   -> note what needs a restart ([server] with listen and data_dir, queue, admin, log,
+//!      tls.listen)
+//!   -> build the new routing (router, front door, proxy) -> swap it in (new requests use it;
+//!      the admin listener reads its sites from it too)
 //!   -> restart the workers (the old ones finish the job they hold)
-//!   -> certificates
+//!   -> certificates: the new [[tls.cert]] list, all or nothing, for new handshakes (the same
+//!      list: each read again); the file watch follows the list served
 //! ```
 //!
-//! Requests already in flight keep the routing they started with; jobs stay in the durable
-//! queue throughout, so restarting the workers loses nothing.
+//! Requests already in flight keep the routing they started with, TLS connections the
+//! certificate they shook hands with; jobs stay in the durable queue throughout, so restarting
+//! the workers loses nothing. Certificates come last: when they fail, the rest stays reloaded
+//! and the reload is reported as failed, naming the files.
 
 use std::sync::Arc;
 
@@ -58,7 +63,10 @@ impl Reloader {
         self.config = new;
         tracing::info!(sites = self.config.sites.len(), "configuration reloaded");
         match &self.certs {
-            Some(certs) => certs.reload().map_err(ReloadError::from),
+            Some(certs) => certs
+                .reload_from(&self.config.tls)
+                .map_err(ReloadError::from),
+            // No HTTPS at start: adding `[tls]` changes `tls.listen`, a restart (warned above).
             None => Ok(()),
         }
     }
@@ -84,8 +92,9 @@ fn needs_restart(old: &Config, new: &Config) -> Vec<&'static str> {
     if differ(&old.log, &new.log) {
         keys.push("log");
     }
-    if differ(&old.tls, &new.tls) {
-        keys.push("tls");
+    // Sockets are bound once, by the caller. The certificate list reloads (`tls::CertStore`).
+    if differ(&old.tls.listen, &new.tls.listen) {
+        keys.push("tls.listen");
     }
     keys
 }

@@ -32,6 +32,12 @@ impl Router {
         }
     }
 
+    /// Every site, in configuration order (the admin listener lists and looks up these, so it
+    /// sees exactly the sites requests are routed to).
+    pub fn sites(&self) -> &[Arc<SiteConfig>] {
+        &self.sites
+    }
+
     /// The site for a request: its `Host` header, else (HTTP/2 `:authority`, absolute-form)
     /// the URI's authority.
     pub fn route<B>(&self, req: &Request<B>) -> Option<&Arc<SiteConfig>> {

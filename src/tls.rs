@@ -11,12 +11,14 @@
 //!   `a.example.com`, not `example.com` nor `a.b.example.com`), case-insensitive. No SNI, an
 //!   IP address or an unknown name get the default certificate (`default = true`, else the
 //!   first). A name in two certificates belongs to the one listed first.
-//! - **Reload.** [`CertStore::reload`] (SIGHUP) reads every certificate again;
-//!   [`CertStore::watch_files`] re-reads those whose files changed. Each certificate is
-//!   replaced on its own: a broken file keeps that certificate's previous version (and says
-//!   which file), the others still update. The set is swapped behind a lock that is held only
-//!   to clone an `Arc`, so open connections are untouched and the next handshake sees the new
-//!   set.
+//! - **Reload.** [`CertStore::reload_from`] (SIGHUP, with the reloaded `[tls]`) reads every
+//!   certificate again, or, when the `[[tls.cert]]` list changed, loads the new list and
+//!   swaps it in whole (a broken file in it keeps the old list whole, and says which file);
+//!   [`CertStore::watch_files`] re-reads those of the served list whose files changed. A
+//!   re-read replaces each certificate on its own: a broken file keeps that certificate's
+//!   previous version (and says which file), the others still update. The set is swapped
+//!   behind a lock that is held only to clone an `Arc`, so open connections are untouched and
+//!   the next handshake sees the new set.
 //! - **Protocol.** TLS 1.3 and 1.2 only (rustls has nothing older), ALPN `h2` then `http/1.1`,
 //!   session tickets on; the ring provider, no OpenSSL.
 
@@ -303,6 +305,18 @@ struct Slot {
 }
 
 impl Slot {
+    /// Read a configured certificate, noting what its files looked like just before.
+    fn load(source: &CertConfig) -> Result<Slot, CertError> {
+        // Looked at before reading: a write that lands after this is seen by the next look.
+        let seen = [Fingerprint::of(&source.chain), Fingerprint::of(&source.key)];
+        let current = load_cert(&source.chain, &source.key)?;
+        Ok(Slot {
+            source: source.clone(),
+            seen,
+            current,
+        })
+    }
+
     fn fingerprints(&self) -> [Option<Fingerprint>; 2] {
         [
             Fingerprint::of(&self.source.chain),
@@ -311,45 +325,79 @@ impl Slot {
     }
 }
 
+/// The configured certificates, in `[[tls.cert]]` order, and which one is the default: a
+/// reload with a changed list replaces both together.
+struct Slots {
+    list: Vec<Slot>,
+    default: usize,
+}
+
+impl Slots {
+    /// The set a handshake sees: built from what every slot serves now.
+    fn cert_set(&self) -> Arc<CertSet> {
+        let loaded: Vec<LoadedCert> = self.list.iter().map(|s| s.current.clone()).collect();
+        Arc::new(CertSet::build(&loaded, self.default))
+    }
+}
+
+/// The index of the `default = true` certificate, else the first.
+fn default_of(config: &TlsConfig) -> usize {
+    config.certs.iter().position(|c| c.default).unwrap_or(0)
+}
+
+/// The same file names and the same default flag (`CertConfig` has no `PartialEq`).
+fn same_sources(slots: &Slots, config: &TlsConfig) -> bool {
+    slots.list.len() == config.certs.len()
+        && slots.list.iter().zip(&config.certs).all(|(slot, c)| {
+            slot.source.chain == c.chain
+                && slot.source.key == c.key
+                && slot.source.default == c.default
+        })
+}
+
 /// The certificates of the HTTPS listeners, reloadable while serving.
 pub struct CertStore {
-    /// Reloads are serialized here (SIGHUP and the file watch may meet).
-    slots: Mutex<Vec<Slot>>,
+    /// Reloads are serialized here (SIGHUP and the file watch may meet), and the watch reads
+    /// the files of whatever list is here, so a new list is watched from its swap on.
+    slots: Mutex<Slots>,
     current: RwLock<Arc<CertSet>>,
-    default: usize,
 }
 
 impl fmt::Debug for CertStore {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("CertStore")
-            .field("default", &self.default)
-            .finish_non_exhaustive()
+        f.debug_struct("CertStore").finish_non_exhaustive()
     }
 }
 
 impl CertStore {
     /// Load every `[[tls.cert]]`; the first that cannot be used is the error.
     pub fn load(config: &TlsConfig) -> Result<Arc<CertStore>, LoadError> {
-        let mut slots = Vec::with_capacity(config.certs.len());
-        for source in &config.certs {
-            let seen = [Fingerprint::of(&source.chain), Fingerprint::of(&source.key)];
-            let current = load_cert(&source.chain, &source.key)?;
-            slots.push(Slot {
-                source: source.clone(),
-                seen,
-                current,
-            });
-        }
-        if slots.is_empty() {
+        let list = config
+            .certs
+            .iter()
+            .map(Slot::load)
+            .collect::<Result<Vec<_>, _>>()?;
+        if list.is_empty() {
             return Err(LoadError::NoCertificates);
         }
-        let default = config.certs.iter().position(|c| c.default).unwrap_or(0);
-        let loaded: Vec<LoadedCert> = slots.iter().map(|s| s.current.clone()).collect();
+        let slots = Slots {
+            list,
+            default: default_of(config),
+        };
         Ok(Arc::new(CertStore {
-            current: RwLock::new(Arc::new(CertSet::build(&loaded, default))),
+            current: RwLock::new(slots.cert_set()),
             slots: Mutex::new(slots),
-            default,
         }))
+    }
+
+    fn lock_slots(&self) -> std::sync::MutexGuard<'_, Slots> {
+        // A panic mid-reload leaves every slot whole: each is assigned in one move.
+        self.slots.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Make `set` the one new handshakes get.
+    fn publish(&self, set: Arc<CertSet>) {
+        *self.current.write().unwrap_or_else(PoisonError::into_inner) = set;
     }
 
     fn current(&self) -> Arc<CertSet> {
@@ -366,17 +414,68 @@ impl CertStore {
         set.certs[set.choose(server_name)].clone()
     }
 
-    /// Read every certificate again (SIGHUP). Certificates that fail keep their previous
-    /// version; each failure is logged naming its file, and returned.
+    /// Read every certificate again. Certificates that fail keep their previous version; each
+    /// failure is logged naming its file, and returned.
     pub fn reload(&self) -> Result<(), ReloadError> {
-        self.reload_where(|_, _| true)
+        self.reload_where(&mut self.lock_slots(), |_, _| true)
+    }
+
+    /// Serve the certificates `config` lists (SIGHUP, with the reloaded configuration).
+    ///
+    /// - **Same list** (files and default as now): every certificate is read again, as
+    ///   [`CertStore::reload`] does.
+    /// - **Changed list** (a certificate added or removed, other files, another default):
+    ///   every listed certificate is read, and the new set replaces the old one whole for new
+    ///   handshakes; open connections keep theirs. If any of them cannot be used, the old list
+    ///   stays, served and watched as before, and every failure is logged naming its file, and
+    ///   returned. All or nothing, because a half-new list could hand a name to the wrong
+    ///   certificate or lose the default.
+    /// - **Empty list**: only when `[tls]` was removed, which needs a restart (the listeners
+    ///   stay until then); they keep their certificates, read again like the same list.
+    pub fn reload_from(&self, config: &TlsConfig) -> Result<(), ReloadError> {
+        let mut slots = self.lock_slots();
+        if config.certs.is_empty() || same_sources(&slots, config) {
+            return self.reload_where(&mut slots, |_, _| true);
+        }
+        let mut list = Vec::with_capacity(config.certs.len());
+        let mut failures = Vec::new();
+        for source in &config.certs {
+            match Slot::load(source) {
+                Ok(slot) => list.push(slot),
+                Err(e) => {
+                    tracing::error!(
+                        file = %error_path(&e, source).display(),
+                        error = %e,
+                        "new certificate list not loaded; keeping the previous certificates"
+                    );
+                    failures.push(e);
+                }
+            }
+        }
+        if !failures.is_empty() {
+            return Err(ReloadError { failures });
+        }
+        for slot in &list {
+            tracing::info!(
+                chain = %slot.source.chain.display(),
+                names = ?slot.current.names,
+                "certificate loaded"
+            );
+        }
+        *slots = Slots {
+            list,
+            default: default_of(config),
+        };
+        self.publish(slots.cert_set());
+        tracing::info!(certs = slots.list.len(), "certificate list replaced");
+        Ok(())
     }
 
     /// Read again the certificates whose chain or key file changed since it was last read;
     /// `Ok(false)` when none did.
     pub fn reload_changed(&self) -> Result<bool, ReloadError> {
         let mut any = false;
-        self.reload_where(|seen, now| {
+        self.reload_where(&mut self.lock_slots(), |seen, now| {
             let changed = seen != now;
             any |= changed;
             changed
@@ -384,14 +483,16 @@ impl CertStore {
         Ok(any)
     }
 
+    /// Read again the certificates `select` picks by their files' fingerprints (as last read,
+    /// as now); `slots` is the locked list.
     fn reload_where(
         &self,
+        slots: &mut Slots,
         mut select: impl FnMut(&[Option<Fingerprint>; 2], &[Option<Fingerprint>; 2]) -> bool,
     ) -> Result<(), ReloadError> {
-        let mut slots = self.slots.lock().unwrap_or_else(PoisonError::into_inner);
         let mut failures = Vec::new();
         let mut replaced = false;
-        for slot in slots.iter_mut() {
+        for slot in slots.list.iter_mut() {
             // Looked at before reading: a write that lands after this is seen next time.
             let now = slot.fingerprints();
             if !select(&slot.seen, &now) {
@@ -419,9 +520,7 @@ impl CertStore {
             }
         }
         if replaced {
-            let loaded: Vec<LoadedCert> = slots.iter().map(|s| s.current.clone()).collect();
-            let set = Arc::new(CertSet::build(&loaded, self.default));
-            *self.current.write().unwrap_or_else(PoisonError::into_inner) = set;
+            self.publish(slots.cert_set());
         }
         if failures.is_empty() {
             Ok(())
@@ -539,6 +638,7 @@ mod tests {
         let chosen = store.certificate_for(sni);
         let slots = store.slots.lock().unwrap();
         let slot = slots
+            .list
             .iter()
             .find(|s| Arc::ptr_eq(&s.current.certified, &chosen))
             .unwrap();
@@ -641,5 +741,66 @@ mod tests {
         );
         // Reported once: the broken file is not retried until it changes again.
         assert!(!store.reload_changed().unwrap());
+    }
+
+    fn tls(certs: &[&CertConfig]) -> TlsConfig {
+        TlsConfig {
+            listen: Vec::new(),
+            certs: certs.iter().map(|c| (*c).clone()).collect(),
+        }
+    }
+
+    #[test]
+    fn a_new_list_replaces_the_set_whole_and_the_watch_follows_it() {
+        let files = Files::new();
+        let a = files.cert("a", &["a.test"]);
+        let b = files.cert("b", &["b.test"]);
+        let store = CertStore::load(&tls(&[&a])).unwrap();
+
+        // Added, and made the default.
+        let mut b_default = b.clone();
+        b_default.default = true;
+        store.reload_from(&tls(&[&a, &b_default])).unwrap();
+        assert_eq!(names_of(&store, Some("b.test")), ["b.test"]);
+        assert_eq!(names_of(&store, Some("a.test")), ["a.test"]);
+        assert_eq!(names_of(&store, None), ["b.test"]);
+
+        // Removed: its name falls back to the default.
+        store.reload_from(&tls(&[&b])).unwrap();
+        assert_eq!(names_of(&store, Some("a.test")), ["b.test"]);
+
+        // The watch reads the files of the new list, not those of the old one.
+        files.cert("a", &["a.test", "new.a.test"]);
+        assert!(!store.reload_changed().unwrap(), "a is not served any more");
+        files.cert("b", &["b.test", "new.b.test"]);
+        assert!(store.reload_changed().unwrap());
+        assert_eq!(
+            names_of(&store, Some("new.b.test")),
+            ["b.test", "new.b.test"]
+        );
+    }
+
+    #[test]
+    fn a_new_list_with_a_broken_file_keeps_the_old_list_whole() {
+        let files = Files::new();
+        let a = files.cert("a", &["a.test"]);
+        let b = files.cert("b", &["b.test"]);
+        let c = files.cert("c", &["c.test"]);
+        let store = CertStore::load(&tls(&[&a])).unwrap();
+        std::fs::write(&c.key, "garbage").unwrap();
+        let err = store.reload_from(&tls(&[&b, &c])).unwrap_err();
+        assert_eq!(err.failures.len(), 1);
+        assert!(
+            err.to_string().contains(&c.key.display().to_string()),
+            "{err}"
+        );
+        // Nothing of the new list is served, and the old list is still the one watched.
+        assert_eq!(names_of(&store, Some("b.test")), ["a.test"]);
+        files.cert("a", &["a.test", "www.a.test"]);
+        assert!(store.reload_changed().unwrap());
+        assert_eq!(
+            names_of(&store, Some("www.a.test")),
+            ["a.test", "www.a.test"]
+        );
     }
 }

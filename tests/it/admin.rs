@@ -791,6 +791,88 @@ async fn locks_are_set_and_lifted_through_the_api() {
     gw.stop().await;
 }
 
+/// Direct-mode sites with `[admin]`: the first a catch-all, each other on `NAME.test`.
+fn sites_config(upstream: &str, names: &[&str]) -> String {
+    let mut text = String::from(
+        "[server]\nlisten = [\"127.0.0.1:0\"]\ndata_dir = \"{data_dir}\"\n\n\
+         [admin]\nlisten = \"127.0.0.1:0\"\n",
+    );
+    for (i, name) in names.iter().enumerate() {
+        let hosts = if i == 0 {
+            String::new()
+        } else {
+            format!("hosts = [\"{name}.test\"]\n")
+        };
+        text.push_str(&format!(
+            "\n[[site]]\nname = \"{name}\"\n{hosts}upstream = \"{upstream}\"\n\
+             access_key = \"{KEY}\"\nmode = \"direct\"\n[site.crm]\nkind = \"activecampaign\"\n\
+             url = \"http://127.0.0.1:9\"\napi_key = \"crm-api-key-77\"\n"
+        ));
+    }
+    text
+}
+
+#[tokio::test]
+async fn after_a_reload_the_page_and_the_api_know_the_new_sites() {
+    let upstream = closed_port_url();
+    let gw = TestGateway::start(&sites_config(&upstream, &["main"])).await;
+    let locks = gw.admin_url("/api/locks");
+    post_json(&locks, &json!({"site": "shop", "contact_id": "9"}))
+        .await
+        .assert_error(StatusCode::NOT_FOUND, "unknown_site");
+
+    // `main` renamed to `front`, `shop` added.
+    gw.write_config(&sites_config(&upstream, &["front", "shop"]));
+    gw.reload.reload().await.expect("reload");
+
+    let page = get(&gw.admin_url("/")).await;
+    assert_eq!(page.status, StatusCode::OK);
+    let page = page.text();
+    assert!(page.contains("<tr class=\"site\"><td>front</td>"), "{page}");
+    assert!(page.contains("<tr class=\"site\"><td>shop</td><td>shop.test</td>"));
+    assert!(!page.contains("<td>main</td>"), "{page}");
+
+    assert!(activity(&gw, "?site=shop").await.is_empty());
+    get(&gw.admin_url("/api/activity?site=main"))
+        .await
+        .assert_error(StatusCode::NOT_FOUND, "unknown_site");
+
+    let r = post_json(&locks, &json!({"site": "shop", "contact_id": "9"})).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    assert_eq!(r.json()["site"], "shop");
+    // The front door sees the same lock for the same site.
+    let r = send(request(
+        Method::POST,
+        &hook(&gw, "update", "9"),
+        &[(HOST, "shop.test")],
+        "",
+    ))
+    .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    assert_eq!(r.json()["status"], "locked");
+
+    post_json(&locks, &json!({"site": "main", "contact_id": "9"}))
+        .await
+        .assert_error(StatusCode::NOT_FOUND, "unknown_site");
+    send(request(
+        Method::DELETE,
+        &gw.admin_url("/api/locks/main/9"),
+        &[],
+        "",
+    ))
+    .await
+    .assert_error(StatusCode::NOT_FOUND, "unknown_site");
+    let r = send(request(
+        Method::DELETE,
+        &gw.admin_url("/api/locks/shop/9"),
+        &[],
+        "",
+    ))
+    .await;
+    assert_eq!(r.json()["unlocked"], true, "{}", r.text());
+    gw.stop().await;
+}
+
 // ---------------------------------------------------------------------------------------------
 // Token
 // ---------------------------------------------------------------------------------------------

@@ -52,10 +52,7 @@ async fn reload_switches_the_upstream_while_a_long_request_stays_open() {
     let slow = tokio::spawn(async move { get(&slow_client, slow_url).await });
     tokio::time::sleep(Duration::from_millis(200)).await;
 
-    let path = gw.dir.path().join("gateway.toml");
-    let text = config(&new.url(), "second-key-456")
-        .replace("{data_dir}", &gw.dir.path().display().to_string());
-    std::fs::write(&path, text).unwrap();
+    gw.write_config(&config(&new.url(), "second-key-456"));
     gw.reload.reload().await.expect("valid config reloads");
 
     assert_eq!(get(&client, gw.url("/")).await, (200, "new".into()));
@@ -131,10 +128,7 @@ async fn reload_restarts_the_relay_workers_on_the_new_upstream() {
     })
     .await;
     let gw = TestGateway::start(&config(&old.url(), "first-key-123")).await;
-    let path = gw.dir.path().join("gateway.toml");
-    let text = config(&new.url(), "first-key-123")
-        .replace("{data_dir}", &gw.dir.path().display().to_string());
-    std::fs::write(&path, text).unwrap();
+    gw.write_config(&config(&new.url(), "first-key-123"));
     gw.reload.reload().await.expect("reload");
     let client = Client::builder(TokioExecutor::new()).build_http::<Empty<Bytes>>();
     let (status, _) = get(

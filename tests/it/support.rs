@@ -111,6 +111,13 @@ impl TestGateway {
         }
     }
 
+    /// Replace the config file with `config_toml` (`{data_dir}` replaced as at start), for a
+    /// reload to read.
+    pub fn write_config(&self, config_toml: &str) {
+        let text = config_toml.replace("{data_dir}", &self.dir.path().display().to_string());
+        std::fs::write(self.dir.path().join("gateway.toml"), text).expect("write config");
+    }
+
     pub fn url(&self, path_and_query: &str) -> String {
         format!("http://{}{}", self.addr, path_and_query)
     }

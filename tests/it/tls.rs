@@ -1,7 +1,7 @@
 //! HTTPS listeners: certificates chosen by SNI, ALPN h2, `X-Forwarded-Proto: https`, hot
-//! reload (signal and file change), a broken file keeping the old certificate, the handshake
-//! timeout and the connection cap. Certificates are made here with rcgen, signed by a test CA
-//! the client trusts.
+//! reload (signal and file change), a changed `[[tls.cert]]` list on reload, a broken file
+//! keeping the old certificate, the handshake timeout and the connection cap. Certificates are
+//! made here with rcgen, signed by a test CA the client trusts.
 //!
 //! Not tested: refusing TLS 1.0/1.1. rustls (server and test client) has no such versions, so
 //! there is nothing to negotiate them with; the server config lists 1.3 and 1.2 explicitly.
@@ -255,6 +255,37 @@ fn tls_addr(gw: &TestGateway) -> SocketAddr {
     gw.tls_addr.expect("gateway has an HTTPS listener")
 }
 
+/// A gateway serving one certificate, for `a.test` (files `a.pem` and `a.key`), with what
+/// the reload tests use alongside it.
+struct OneCert {
+    /// Kept alive for the gateway's site.
+    upstream: TestUpstream,
+    pki: Pki,
+    a: Leaf,
+    gw: TestGateway,
+    addr: SocketAddr,
+    /// Trusts the test CA, ALPN http/1.1.
+    verified: TlsConnector,
+}
+
+async fn one_cert() -> OneCert {
+    let upstream = TestUpstream::start(echo_headers).await;
+    let pki = Pki::new();
+    let a = pki.issue(&["a.test"]);
+    pki.write("a", &a);
+    let gw = TestGateway::start(&pki.config(&upstream.url(), &["a"], None)).await;
+    let addr = tls_addr(&gw);
+    let verified = pki.connector(&[b"http/1.1"]);
+    OneCert {
+        upstream,
+        pki,
+        a,
+        gw,
+        addr,
+        verified,
+    }
+}
+
 #[tokio::test]
 async fn sni_picks_the_certificate_and_unknown_or_absent_names_get_the_default() {
     let upstream = TestUpstream::start(echo_headers).await;
@@ -374,86 +405,171 @@ async fn tls_1_2_and_1_3_clients_are_both_served() {
 
 #[tokio::test]
 async fn reload_swaps_the_certificate_for_new_handshakes_only() {
-    let upstream = TestUpstream::start(echo_headers).await;
-    let pki = Pki::new();
-    let old = pki.issue(&["a.test"]);
-    pki.write("a", &old);
-    let gw = TestGateway::start(&pki.config(&upstream.url(), &["a"], None)).await;
-    let addr = tls_addr(&gw);
-    let connector = pki.connector(&[b"http/1.1"]);
+    let t = one_cert().await;
 
-    let open = connect(addr, "a.test", &connector).await.unwrap();
-    assert_eq!(served(&open), old.der);
+    let open = connect(t.addr, "a.test", &t.verified).await.unwrap();
+    assert_eq!(served(&open), t.a.der);
     let mut open = h1_over(open).await;
     h1_get(&mut open).await;
 
-    let new = pki.issue(&["a.test", "www.a.test"]);
-    pki.write("a", &new);
-    gw.reload.reload().await.expect("reload succeeds");
+    let new = t.pki.issue(&["a.test", "www.a.test"]);
+    t.pki.write("a", &new);
+    t.gw.reload.reload().await.expect("reload succeeds");
     assert_eq!(
-        served_to(addr, "a.test", &connector).await,
+        served_to(t.addr, "a.test", &t.verified).await,
         new.der.to_vec()
     );
     assert_eq!(
-        served_to(addr, "www.a.test", &connector).await,
+        served_to(t.addr, "www.a.test", &t.verified).await,
         new.der.to_vec()
     );
     // The connection opened before the reload carries on.
     h1_get(&mut open).await;
-    gw.stop().await;
+    t.gw.stop().await;
 }
 
 #[tokio::test]
 async fn a_broken_file_keeps_the_old_certificate() {
-    let upstream = TestUpstream::start(echo_headers).await;
-    let pki = Pki::new();
-    let old = pki.issue(&["a.test"]);
-    pki.write("a", &old);
-    let gw = TestGateway::start(&pki.config(&upstream.url(), &["a"], None)).await;
-    let addr = tls_addr(&gw);
-    let connector = pki.connector(&[b"http/1.1"]);
+    let t = one_cert().await;
     // Served (so loaded) before the file breaks.
     assert_eq!(
-        served_to(addr, "a.test", &connector).await,
-        old.der.to_vec()
+        served_to(t.addr, "a.test", &t.verified).await,
+        t.a.der.to_vec()
     );
 
     std::fs::write(
-        pki.chain_path("a"),
+        t.pki.chain_path("a"),
         "-----BEGIN CERTIFICATE-----\nnot base64!\n",
     )
     .unwrap();
-    let err = gw.reload.reload().await.expect_err("broken chain refused");
-    let chain = pki.chain_path("a").display().to_string();
+    let err =
+        t.gw.reload
+            .reload()
+            .await
+            .expect_err("broken chain refused");
+    let chain = t.pki.chain_path("a").display().to_string();
     assert!(err.to_string().contains(&chain), "{err}");
     assert_eq!(
-        served_to(addr, "a.test", &connector).await,
-        old.der.to_vec()
+        served_to(t.addr, "a.test", &t.verified).await,
+        t.a.der.to_vec()
     );
 
     // Renewal caught half-way: the new chain is in place, its key is not yet.
-    let new = pki.issue(&["a.test"]);
-    std::fs::write(pki.chain_path("a"), &new.chain_pem).unwrap();
-    let err = gw
-        .reload
-        .reload()
-        .await
-        .expect_err("mismatched key refused");
-    let key = pki.key_path("a").display().to_string();
+    let new = t.pki.issue(&["a.test"]);
+    std::fs::write(t.pki.chain_path("a"), &new.chain_pem).unwrap();
+    let err =
+        t.gw.reload
+            .reload()
+            .await
+            .expect_err("mismatched key refused");
+    let key = t.pki.key_path("a").display().to_string();
     assert!(err.to_string().contains(&key), "{err}");
     assert!(!err.to_string().contains("PRIVATE KEY"), "{err}");
     assert_eq!(
-        served_to(addr, "a.test", &connector).await,
-        old.der.to_vec()
+        served_to(t.addr, "a.test", &t.verified).await,
+        t.a.der.to_vec()
     );
 
-    std::fs::write(pki.key_path("a"), &new.key_pem).unwrap();
-    gw.reload.reload().await.expect("complete renewal loads");
+    std::fs::write(t.pki.key_path("a"), &new.key_pem).unwrap();
+    t.gw.reload.reload().await.expect("complete renewal loads");
     assert_eq!(
-        served_to(addr, "a.test", &connector).await,
+        served_to(t.addr, "a.test", &t.verified).await,
         new.der.to_vec()
     );
-    gw.stop().await;
+    t.gw.stop().await;
+}
+
+#[tokio::test]
+async fn reload_with_a_changed_certificate_list_serves_and_watches_the_new_list() {
+    let t = one_cert().await;
+    let any = accept_any(rustls::ALL_VERSIONS);
+    assert_eq!(served_to(t.addr, "b.test", &any).await, t.a.der.to_vec());
+    let open = connect(t.addr, "a.test", &t.verified).await.unwrap();
+    let mut open = h1_over(open).await;
+    h1_get(&mut open).await;
+
+    // Added, for a new name, and made the default.
+    let b = t.pki.issue(&["b.test"]);
+    t.pki.write("b", &b);
+    t.gw.write_config(&t.pki.config(&t.upstream.url(), &["a", "b"], Some(1)));
+    t.gw.reload
+        .reload()
+        .await
+        .expect("reload with an added certificate");
+    assert_eq!(
+        served_to(t.addr, "b.test", &t.verified).await,
+        b.der.to_vec()
+    );
+    assert_eq!(
+        served_to(t.addr, "a.test", &t.verified).await,
+        t.a.der.to_vec()
+    );
+    assert_eq!(served_to(t.addr, "other.test", &any).await, b.der.to_vec());
+
+    // The file watch covers the added certificate's files.
+    let renewed = t.pki.issue(&["b.test", "www.b.test"]);
+    replace_file(&t.pki.key_path("b"), &renewed.key_pem);
+    replace_file(&t.pki.chain_path("b"), &renewed.chain_pem);
+    let started = Instant::now();
+    while served_to(t.addr, "b.test", &any).await != renewed.der.to_vec() {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "renewed certificate not served 10 s after its files changed"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // Removed: its names fall back to the default, the remaining certificate.
+    t.gw.write_config(&t.pki.config(&t.upstream.url(), &["a"], None));
+    t.gw.reload
+        .reload()
+        .await
+        .expect("reload with a removed certificate");
+    assert_eq!(served_to(t.addr, "b.test", &any).await, t.a.der.to_vec());
+    assert_eq!(
+        served_to(t.addr, "a.test", &t.verified).await,
+        t.a.der.to_vec()
+    );
+
+    // The connection opened before both reloads carries on.
+    h1_get(&mut open).await;
+    t.gw.stop().await;
+}
+
+#[tokio::test]
+async fn reload_with_a_broken_new_certificate_fails_and_the_old_ones_stay() {
+    let t = one_cert().await;
+    let any = accept_any(rustls::ALL_VERSIONS);
+
+    let b = t.pki.issue(&["b.test"]);
+    t.pki.write("b", &b);
+    std::fs::write(
+        t.pki.chain_path("b"),
+        "-----BEGIN CERTIFICATE-----\nnot base64!\n",
+    )
+    .unwrap();
+    t.gw.write_config(&t.pki.config(&t.upstream.url(), &["a", "b"], Some(1)));
+    let err =
+        t.gw.reload
+            .reload()
+            .await
+            .expect_err("a broken new certificate fails the reload");
+    let chain = t.pki.chain_path("b").display().to_string();
+    assert!(err.to_string().contains(&chain), "{err}");
+    assert_eq!(
+        served_to(t.addr, "a.test", &t.verified).await,
+        t.a.der.to_vec()
+    );
+    assert_eq!(served_to(t.addr, "b.test", &any).await, t.a.der.to_vec());
+
+    // Once the file is whole, the same list loads.
+    t.pki.write("b", &b);
+    t.gw.reload.reload().await.expect("the repaired list loads");
+    assert_eq!(
+        served_to(t.addr, "b.test", &t.verified).await,
+        b.der.to_vec()
+    );
+    t.gw.stop().await;
 }
 
 /// Replace `path` the way renewal tools do: write a new file, rename it over the old one.
@@ -465,24 +581,18 @@ fn replace_file(path: &Path, contents: &str) {
 
 #[tokio::test]
 async fn changed_files_are_picked_up_without_a_signal() {
-    let upstream = TestUpstream::start(echo_headers).await;
-    let pki = Pki::new();
-    let old = pki.issue(&["a.test"]);
-    pki.write("a", &old);
-    let gw = TestGateway::start(&pki.config(&upstream.url(), &["a"], None)).await;
-    let addr = tls_addr(&gw);
-    let connector = pki.connector(&[b"http/1.1"]);
+    let t = one_cert().await;
     assert_eq!(
-        served_to(addr, "a.test", &connector).await,
-        old.der.to_vec()
+        served_to(t.addr, "a.test", &t.verified).await,
+        t.a.der.to_vec()
     );
 
-    let new = pki.issue(&["a.test"]);
-    replace_file(&pki.key_path("a"), &new.key_pem);
-    replace_file(&pki.chain_path("a"), &new.chain_pem);
+    let new = t.pki.issue(&["a.test"]);
+    replace_file(&t.pki.key_path("a"), &new.key_pem);
+    replace_file(&t.pki.chain_path("a"), &new.chain_pem);
     let started = Instant::now();
     loop {
-        if served_to(addr, "a.test", &connector).await == new.der.to_vec() {
+        if served_to(t.addr, "a.test", &t.verified).await == new.der.to_vec() {
             break;
         }
         assert!(
@@ -491,7 +601,7 @@ async fn changed_files_are_picked_up_without_a_signal() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    gw.stop().await;
+    t.gw.stop().await;
 }
 
 #[tokio::test]
