@@ -52,6 +52,36 @@ enum Command {
         #[arg(long)]
         email: Option<String>,
     },
+    /// Simulate one CRM account's API (real shapes, auth, errors, rate limit with 429).
+    #[command(
+        name = "crm-sim",
+        after_help = "Credentials: API key `sim-key` and user `sim@example.com` unless the \
+                      --data file sets \"api_key\" / \"user\". ActiveCampaign reads the key from \
+                      the Api-Token header; FluentCRM takes Basic user:key (an application \
+                      password); Agile CRM takes Basic user:key (account email and API key).\n\n\
+                      Seed file: {\"api_key\":\"..\",\"user\":\"..\",\"contacts\":[{\"id\":\"7\",\
+                      \"email\":\"a@example.com\",\"first_name\":\"Ann\",\"last_name\":\"Lee\",\
+                      \"phone\":\"\",\"tags\":[\"VIP\"],\"fields\":{\"7\":\"value\"}}]}\n\n\
+                      Control API under /_sim/ (contacts, fail, requests, stats) has no auth: \
+                      it is a rehearsal tool, keep --listen on loopback."
+    )]
+    CrmSim {
+        /// activecampaign, fluentcrm or agilecrm.
+        #[arg(long, value_parser = wpf_gateway::crm::sim::parse_kind)]
+        kind: wpf_gateway::config::CrmKind,
+        /// Address to listen on, e.g. 127.0.0.1:7001 (port 0: any free port, printed).
+        #[arg(long)]
+        listen: std::net::SocketAddr,
+        /// Seed file (JSON): credentials and contacts.
+        #[arg(long)]
+        data: Option<PathBuf>,
+        /// API requests allowed in any window, e.g. 5/s (ActiveCampaign's limit).
+        #[arg(long, value_parser = wpf_gateway::crm::sim::SimRate::parse)]
+        rate: Option<wpf_gateway::crm::sim::SimRate>,
+        /// Milliseconds added before every API answer.
+        #[arg(long, default_value_t = 0)]
+        latency: u64,
+    },
 }
 
 fn main() -> ExitCode {
@@ -71,6 +101,20 @@ fn main() -> ExitCode {
                 (None, email) => UserQuery::Email(email.unwrap_or_default()),
             };
             user(config, &site, &query)
+        }
+        Command::CrmSim {
+            kind,
+            listen,
+            data,
+            rate,
+            latency,
+        } => {
+            let options = wpf_gateway::crm::sim::SimOptions {
+                kind,
+                rate,
+                latency: std::time::Duration::from_millis(latency),
+            };
+            crm_sim(options, listen, data)
         }
     }
 }
@@ -106,6 +150,72 @@ fn user(path: PathBuf, site: &str, query: &UserQuery) -> ExitCode {
     }
 }
 
+/// `crm-sim`: load the seed, bind, print the address, serve until SIGINT/SIGTERM.
+fn crm_sim(
+    options: wpf_gateway::crm::sim::SimOptions,
+    listen: std::net::SocketAddr,
+    data: Option<PathBuf>,
+) -> ExitCode {
+    use std::io::Write;
+    use wpf_gateway::crm::sim::{kind_name, SeedData, Sim};
+    let seed = match &data {
+        Some(path) => match Sim::load_seed(path) {
+            Ok(seed) => seed,
+            Err(e) => {
+                eprintln!("wpf-gateway crm-sim: {e}");
+                return ExitCode::FAILURE;
+            }
+        },
+        None => SeedData::default(),
+    };
+    let kind = options.kind;
+    let sim = match Sim::new(options, seed) {
+        Ok(sim) => sim,
+        Err(e) => {
+            eprintln!("wpf-gateway crm-sim: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let runtime = match start_runtime() {
+        Ok(rt) => rt,
+        Err(code) => return code,
+    };
+    let result: anyhow::Result<()> = runtime.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(listen).await?;
+        let addr = listener.local_addr()?;
+        let shutdown = CancellationToken::new();
+        let mut terminate = signal(SignalKind::terminate())?;
+        let mut interrupt = signal(SignalKind::interrupt())?;
+        let stop = shutdown.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = terminate.recv() => {}
+                _ = interrupt.recv() => {}
+            }
+            stop.cancel();
+        });
+        // Scripts and tests read this line for the real port (`--listen 127.0.0.1:0`).
+        let mut out = std::io::stdout().lock();
+        let _ = writeln!(
+            out,
+            "crm-sim {} listening on http://{addr} (control API: http://{addr}/_sim/)",
+            kind_name(kind)
+        );
+        let _ = out.flush();
+        drop(out);
+        sim.serve(listener, shutdown).await;
+        Ok(())
+    });
+    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("wpf-gateway crm-sim: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 /// `check`: validate, then print the resolved configuration (secrets masked).
 fn check(path: PathBuf) -> ExitCode {
     use std::io::Write;
@@ -136,12 +246,9 @@ fn run(path: PathBuf) -> ExitCode {
         eprintln!("wpf-gateway: logging: {e}");
         return ExitCode::FAILURE;
     }
-    let runtime = match tokio::runtime::Runtime::new() {
+    let runtime = match start_runtime() {
         Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("cannot start runtime: {e}");
-            return ExitCode::FAILURE;
-        }
+        Err(code) => return code,
     };
     let result: anyhow::Result<()> = runtime.block_on(async move {
         let listeners = wpf_gateway::Listeners::bind(&config).await?;
@@ -183,6 +290,14 @@ fn run(path: PathBuf) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// The multi-threaded runtime, or the exit code after saying why there is none.
+fn start_runtime() -> Result<tokio::runtime::Runtime, ExitCode> {
+    tokio::runtime::Runtime::new().map_err(|e| {
+        eprintln!("cannot start runtime: {e}");
+        ExitCode::FAILURE
+    })
 }
 
 /// Logs from `[log]`: text or JSON on stdout; `RUST_LOG`, when set, overrides `log.level`.

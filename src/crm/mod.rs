@@ -6,6 +6,8 @@
 //! with `Retry-After` pauses the whole account. Every error says whether a retry can help
 //! ([`CrmError::Transient`] or [`CrmError::Permanent`]); the worker branches on that alone.
 
+pub mod sim;
+
 use std::collections::BTreeMap;
 use std::time::Duration;
 
