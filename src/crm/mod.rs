@@ -5,13 +5,59 @@
 //! field. Every call waits on the account's [`Pacer`](crate::pace::Pacer) first; a `429`/`503`
 //! with `Retry-After` pauses the whole account. Every error says whether a retry can help
 //! ([`CrmError::Transient`] or [`CrmError::Permanent`]); the worker branches on that alone.
+//!
+//! [`connect`] builds the adapter a `[site.crm]` names: [`activecampaign`], [`fluentcrm`] or
+//! [`agilecrm`], all on the shared HTTP plumbing of `http.rs` (one client per account,
+//! pacing, `Retry-After`, status classification).
 
 pub mod sim;
 
 use std::collections::BTreeMap;
+use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
+use crate::config::{CrmConfig, CrmKind};
+use crate::pace::Pacer;
 use crate::queue::BoxFuture;
+
+pub mod activecampaign;
+pub mod agilecrm;
+pub mod fluentcrm;
+mod http;
+
+/// The adapter for `config.kind`, calling the account at `config.url` through `pacer` (the
+/// account's, shared by every site on it). `timeout` bounds each call, from connecting to
+/// the last byte of the answer; connecting alone gets at most 10 s of it.
+pub fn connect(
+    config: &CrmConfig,
+    pacer: Arc<Pacer>,
+    timeout: Duration,
+) -> Result<Arc<dyn Crm>, CrmSetupError> {
+    Ok(match config.kind {
+        CrmKind::ActiveCampaign => {
+            Arc::new(activecampaign::ActiveCampaign::new(config, pacer, timeout)?)
+        }
+        CrmKind::FluentCrm => Arc::new(fluentcrm::FluentCrm::new(config, pacer, timeout)?),
+        CrmKind::AgileCrm => Arc::new(agilecrm::AgileCrm::new(config, pacer, timeout)?),
+    })
+}
+
+/// Why [`connect`] could not build an adapter. Never contains a secret.
+#[derive(Debug, thiserror::Error)]
+pub enum CrmSetupError {
+    #[error("crm.url: {0}")]
+    Url(String),
+    /// FluentCRM and Agile CRM authenticate as a user (config validation requires one).
+    #[error("crm.user: missing ({0} needs it)")]
+    MissingUser(&'static str),
+    #[error("crm.api_key: not usable in an HTTP header (control characters?)")]
+    BadApiKey,
+    #[error("TLS: {0}")]
+    Tls(#[from] rustls::Error),
+    #[error("HTTP client: {0}")]
+    Client(String),
+}
 
 /// A contact as the CRM holds it now.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -49,6 +95,24 @@ pub enum CrmError {
     Permanent { code: &'static str, reason: String },
 }
 
+impl CrmError {
+    /// Transient, with no `Retry-After`.
+    pub(crate) fn transient(reason: impl Into<String>) -> Self {
+        CrmError::Transient {
+            reason: reason.into(),
+            retry_after: None,
+        }
+    }
+
+    /// `Permanent { code: "contact_not_found" }`.
+    pub(crate) fn not_found(reason: impl Into<String>) -> Self {
+        CrmError::Permanent {
+            code: "contact_not_found",
+            reason: reason.into(),
+        }
+    }
+}
+
 /// One CRM account.
 pub trait Crm: Send + Sync + 'static {
     /// The contact with its tags and fields. A contact that does not exist (or, on
@@ -69,4 +133,39 @@ pub trait Crm: Send + Sync + 'static {
         field: &'a str,
         value: &'a str,
     ) -> BoxFuture<'a, Result<(), CrmError>>;
+}
+
+/// The three calls as each adapter writes them (plain `async fn`s); the blanket [`Crm`] impl
+/// boxes their futures for `dyn Crm`.
+trait Adapter: Send + Sync + 'static {
+    fn load(&self, id: &str) -> impl Future<Output = Result<Contact, CrmError>> + Send;
+    fn find(&self, email: &str) -> impl Future<Output = Result<Option<Contact>, CrmError>> + Send;
+    fn update(
+        &self,
+        id: &str,
+        field: &str,
+        value: &str,
+    ) -> impl Future<Output = Result<(), CrmError>> + Send;
+}
+
+impl<T: Adapter> Crm for T {
+    fn load_contact<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<Contact, CrmError>> {
+        Box::pin(self.load(id))
+    }
+
+    fn find_by_email<'a>(
+        &'a self,
+        email: &'a str,
+    ) -> BoxFuture<'a, Result<Option<Contact>, CrmError>> {
+        Box::pin(self.find(email))
+    }
+
+    fn update_field<'a>(
+        &'a self,
+        id: &'a str,
+        field: &'a str,
+        value: &'a str,
+    ) -> BoxFuture<'a, Result<(), CrmError>> {
+        Box::pin(self.update(id, field, value))
+    }
 }
