@@ -17,6 +17,7 @@
 pub mod admin;
 pub mod config;
 pub mod crm;
+pub mod demo;
 pub mod direct;
 pub mod mail;
 pub mod metrics;
@@ -92,6 +93,18 @@ pub enum RunError {
     Tls(#[from] tls::LoadError),
     #[error("admin: {0}")]
     Admin(#[from] admin::AdminError),
+    #[error("CRM of site {site}: {error}")]
+    Crm {
+        site: String,
+        error: crm::CrmSetupError,
+    },
+    #[error("{0}")]
+    Store(#[from] store::StoreError),
+    #[error("mail of site {site}: {error}")]
+    Mail {
+        site: String,
+        error: mail::MailError,
+    },
 }
 
 /// Everything a request needs, shared by all connections.
@@ -299,7 +312,13 @@ pub async fn run_with(
     let background = tokio_util::task::TaskTracker::new();
     let stop_workers = CancellationToken::new();
     let workers = Workers::new(background.clone(), stop_workers.clone());
-    workers.start(&config, &queue, &metrics, processors(&config, &metrics)?);
+    let processing = Arc::new(Processing::new(&config, queue.clone(), metrics.clone()));
+    workers.start(
+        &config,
+        &queue,
+        &metrics,
+        processing.processors(&config).await?,
+    );
     background.spawn(gateway.clone().housekeeping(stop_workers.clone()));
     background.close();
     let certs = if listeners.tls.is_empty() && config.tls.certs.is_empty() {
@@ -350,6 +369,7 @@ pub async fn run_with(
             metrics: metrics.clone(),
             certs: certs.clone(),
             workers,
+            processing,
         };
         tokio::spawn(answer_reloads(requests, reloader, helpers.clone()));
     }
@@ -390,36 +410,104 @@ pub async fn run_with(
     Ok(())
 }
 
-/// The processor of every site whose jobs can be processed now: relay mode. Direct-mode jobs
-/// stay pending (durably) until the direct-mode processor exists; `check` says so.
-pub(crate) fn processors(
-    config: &Config,
-    metrics: &Arc<metrics::Metrics>,
-) -> Result<Vec<SiteProcessor>, RunError> {
-    let accounts = pace::Accounts::default();
-    let mut out = Vec::new();
-    for site in &config.sites {
-        let processor: Arc<dyn worker::Processor> = match site.mode {
-            config::Mode::Relay => {
-                let crm = site.crm.as_ref().map(|c| accounts.pacer(c));
-                let relay = relay::Relay::new(Arc::new(site.clone()), crm, metrics.clone())
-                    .map_err(|error| RunError::Relay {
-                        site: site.name.clone(),
-                        error,
-                    })?;
-                Arc::new(relay)
-            }
-            config::Mode::Direct => {
-                tracing::warn!(
-                    site = %site.name,
-                    "direct mode has no processor yet: its webhooks are queued and kept pending"
-                );
-                continue;
-            }
-        };
-        out.push((Arc::from(site.name.as_str()), processor));
+/// What the processors of every configuration share: the queue (loopback locks after the
+/// gateway's own CRM writes), the metrics and the embedded user store, opened when a
+/// direct-mode site first needs it and kept across reloads.
+pub(crate) struct Processing {
+    pub queue: Arc<queue::SqliteQueue>,
+    pub metrics: Arc<metrics::Metrics>,
+    data_dir: std::path::PathBuf,
+    embedded: tokio::sync::OnceCell<Arc<store::embedded::EmbeddedStore>>,
+}
+
+impl Processing {
+    pub fn new(
+        config: &Config,
+        queue: Arc<queue::SqliteQueue>,
+        metrics: Arc<metrics::Metrics>,
+    ) -> Self {
+        Processing {
+            queue,
+            metrics,
+            data_dir: config.server.data_dir.clone(),
+            embedded: tokio::sync::OnceCell::new(),
+        }
     }
-    Ok(out)
+
+    async fn embedded(&self) -> Result<Arc<store::embedded::EmbeddedStore>, RunError> {
+        let store = self
+            .embedded
+            .get_or_try_init(|| async {
+                store::embedded::EmbeddedStore::open(&self.data_dir)
+                    .await
+                    .map(Arc::new)
+            })
+            .await?;
+        Ok(store.clone())
+    }
+
+    /// The processor of every site whose jobs can be processed now: relay mode, and direct
+    /// mode with the embedded store. Direct mode on a WordPress database waits for its store
+    /// (issue 6): those jobs stay pending, durably; `check` says so.
+    pub async fn processors(&self, config: &Config) -> Result<Vec<SiteProcessor>, RunError> {
+        let accounts = pace::Accounts::default();
+        let mut out = Vec::new();
+        for site in &config.sites {
+            let shared = Arc::new(site.clone());
+            let processor: Arc<dyn worker::Processor> = match (site.mode, &site.crm) {
+                (config::Mode::Relay, crm) => {
+                    let crm = crm.as_ref().map(|c| accounts.pacer(c));
+                    let relay =
+                        relay::Relay::new(shared, crm, self.metrics.clone()).map_err(|error| {
+                            RunError::Relay {
+                                site: site.name.clone(),
+                                error,
+                            }
+                        })?;
+                    Arc::new(relay)
+                }
+                // Config validation refuses direct mode without [site.crm].
+                (config::Mode::Direct, None) => continue,
+                (config::Mode::Direct, Some(crm_config)) => {
+                    let user_store: Arc<dyn store::UserStore> = match &site.store {
+                        config::StoreConfig::Embedded => self.embedded().await?,
+                        config::StoreConfig::WordPress { .. } => {
+                            tracing::warn!(
+                                site = %site.name,
+                                "the WordPress user store is not built yet: direct-mode webhooks \
+                                 are queued and kept pending"
+                            );
+                            continue;
+                        }
+                    };
+                    let crm =
+                        crm::connect(crm_config, accounts.pacer(crm_config), crm_config.timeout)
+                            .map_err(|error| RunError::Crm {
+                                site: site.name.clone(),
+                                error,
+                            })?;
+                    let mailer = site
+                        .mail
+                        .as_ref()
+                        .map(|m| mail::Mailer::new(m, &site.name))
+                        .transpose()
+                        .map_err(|error| RunError::Mail {
+                            site: site.name.clone(),
+                            error,
+                        })?;
+                    Arc::new(direct::Direct::new(
+                        shared,
+                        crm,
+                        user_store,
+                        self.queue.clone(),
+                        mailer,
+                    ))
+                }
+            };
+            out.push((Arc::from(site.name.as_str()), processor));
+        }
+        Ok(out)
+    }
 }
 
 /// Carry out reload requests one at a time until `stop`, telling systemd around each.

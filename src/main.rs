@@ -37,6 +37,9 @@ enum Command {
         #[arg(long)]
         config: PathBuf,
     },
+    /// A self-contained tour on loopback: demo site, CRM simulator and the gateway in direct
+    /// mode; sends webhooks (a flood with repeats), prints what happened, runs until Ctrl-C.
+    Demo,
     /// Print a user of the embedded store as JSON (read-only; safe while the gateway runs).
     #[command(group(ArgGroup::new("who").required(true).args(["contact_id", "email"])))]
     User {
@@ -89,6 +92,7 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Run { config } => run(config),
         Command::Check { config } => check(config),
+        Command::Demo => demo(),
         Command::User {
             config,
             site,
@@ -211,6 +215,37 @@ fn crm_sim(
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("wpf-gateway crm-sim: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `demo`: run the tour until SIGINT/SIGTERM.
+fn demo() -> ExitCode {
+    let runtime = match start_runtime() {
+        Ok(rt) => rt,
+        Err(code) => return code,
+    };
+    let result: anyhow::Result<()> = runtime.block_on(async {
+        let shutdown = CancellationToken::new();
+        let mut terminate = signal(SignalKind::terminate())?;
+        let mut interrupt = signal(SignalKind::interrupt())?;
+        let stop = shutdown.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = terminate.recv() => {}
+                _ = interrupt.recv() => {}
+            }
+            stop.cancel();
+        });
+        wpf_gateway::demo::run(shutdown).await?;
+        Ok(())
+    });
+    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("wpf-gateway demo: {e:#}");
             ExitCode::FAILURE
         }
     }

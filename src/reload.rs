@@ -35,6 +35,7 @@ pub(crate) struct Reloader {
     pub queue: Arc<SqliteQueue>,
     pub metrics: Arc<Metrics>,
     pub certs: Option<Arc<tls::CertStore>>,
+    pub processing: Arc<crate::Processing>,
     pub workers: Workers,
 }
 
@@ -55,8 +56,11 @@ impl Reloader {
         }
         let routing = crate::Routing::new(&new, &self.queue, &self.metrics)
             .map_err(|e| ReloadError::Build(Box::new(e)))?;
-        let processors =
-            crate::processors(&new, &self.metrics).map_err(|e| ReloadError::Build(Box::new(e)))?;
+        let processors = self
+            .processing
+            .processors(&new)
+            .await
+            .map_err(|e| ReloadError::Build(Box::new(e)))?;
         self.gateway.swap_routing(routing);
         self.workers
             .restart(&new, &self.queue, &self.metrics, processors);

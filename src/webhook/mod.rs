@@ -446,6 +446,10 @@ fn permanent_code(code: &str) -> &'static str {
         "upstream_forbidden" => "upstream_forbidden",
         "upstream_rejected" => "upstream_rejected",
         "bad_credentials" => "bad_credentials",
+        "invalid_credentials" => "invalid_credentials",
+        "rejected" => "rejected",
+        "conflict" => "conflict",
+        "contact_has_no_email" => "contact_has_no_email",
         _ => "failed",
     }
 }

@@ -5,6 +5,7 @@ mod support;
 mod admin;
 mod config;
 mod crm_sim;
+mod direct;
 mod pipeline;
 mod proxy;
 mod reload;

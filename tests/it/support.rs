@@ -312,3 +312,76 @@ pub async fn send(req: Request<Full<Bytes>>) -> Reply {
         .await
         .expect("answer in time")
 }
+
+/// A real SMTP listener on 127.0.0.1:0 that accepts every mail (no TLS, no AUTH) and keeps
+/// each message's raw DATA, for welcome-mail tests.
+pub struct SmtpSink {
+    pub addr: SocketAddr,
+    pub mails: Arc<std::sync::Mutex<Vec<String>>>,
+    task: JoinHandle<()>,
+}
+
+impl SmtpSink {
+    pub async fn start() -> Self {
+        use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind smtp");
+        let addr = listener.local_addr().expect("smtp addr");
+        let mails = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let kept = mails.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let kept = kept.clone();
+                tokio::spawn(async move {
+                    let (read, mut write) = stream.into_split();
+                    let mut lines = BufReader::new(read);
+                    let _ = write.write_all(b"220 sink ESMTP\r\n").await;
+                    let mut line = String::new();
+                    loop {
+                        line.clear();
+                        match lines.read_line(&mut line).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(_) => {}
+                        }
+                        let verb = line.get(..4).unwrap_or("").to_ascii_uppercase();
+                        let answer: &[u8] = match verb.as_str() {
+                            "EHLO" | "HELO" => b"250 sink\r\n",
+                            "DATA" => {
+                                let _ = write.write_all(b"354 go ahead\r\n").await;
+                                let mut data = String::new();
+                                loop {
+                                    line.clear();
+                                    match lines.read_line(&mut line).await {
+                                        Ok(0) | Err(_) => return,
+                                        Ok(_) if line == ".\r\n" => break,
+                                        Ok(_) => data.push_str(&line),
+                                    }
+                                }
+                                kept.lock().unwrap().push(data);
+                                b"250 queued\r\n"
+                            }
+                            "QUIT" => {
+                                let _ = write.write_all(b"221 bye\r\n").await;
+                                return;
+                            }
+                            _ => b"250 ok\r\n",
+                        };
+                        if write.write_all(answer).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        SmtpSink { addr, mails, task }
+    }
+
+    pub fn mails(&self) -> Vec<String> {
+        self.mails.lock().unwrap().clone()
+    }
+}
+
+impl Drop for SmtpSink {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
