@@ -75,7 +75,9 @@ pub struct Contact {
     /// - Agile CRM: each property's `name` (`first_name`, `last_name`, `email`, `phone`, and
     ///   custom ones).
     ///
-    /// Values are text; empty values are kept (a CRM clearing a field is news).
+    /// Values are text; empty values are kept (a CRM clearing a field is news), `null` reads
+    /// as empty. Multi-value fields are joined with `,` as WP Fusion does (ActiveCampaign's
+    /// `||a||b||`, a FluentCRM checkbox list), and ids keep every digit.
     pub fields: BTreeMap<String, String>,
 }
 

@@ -4,6 +4,7 @@ mod support;
 
 mod admin;
 mod config;
+mod crm;
 mod crm_sim;
 mod direct;
 mod pipeline;
