@@ -309,6 +309,9 @@ pub struct SiteConfig {
     pub loopback_lock: Duration,
     /// Jobs of this site processed at once.
     pub workers: usize,
+    /// Webhooks are answered and queued as usual, but no job runs (maintenance of the site,
+    /// a CRM outage): the queue keeps them, durably, until a reload unpauses the site.
+    pub paused: bool,
     /// Relay mode: requests to the upstream at once, across the site.
     pub upstream_concurrency: usize,
     pub limits: SiteLimits,
@@ -695,6 +698,7 @@ mod raw {
         pub dedupe_window: Opt<Dur>,
         pub loopback_lock: Opt<Dur>,
         pub workers: Opt<Count>,
+        pub paused: Opt<bool>,
         pub upstream_concurrency: Opt<Count>,
         pub limits: Opt<RawLimits>,
         pub crm: Opt<RawCrm>,
@@ -1959,6 +1963,7 @@ mod validate {
             ),
             workers: usize::try_from(cx.count(&s.workers, &key("workers"), 4, 1, 1024))
                 .unwrap_or(1),
+            paused: s.paused.as_ref().is_some_and(|p| *p.get_ref()),
             upstream_concurrency: usize::try_from(cx.count(
                 &s.upstream_concurrency,
                 &key("upstream_concurrency"),
@@ -2412,13 +2417,13 @@ pub fn render_resolved(config: &Config) -> String {
         ));
         line(format!("upstream_timeout = {}", dur(site.upstream_timeout)));
         line(format!("access_key = {MASK}"));
-        let pending_note = match site.mode {
-            // Until the direct-mode processor lands (issue 5), nothing runs these jobs.
-            Mode::Direct => {
-                "  # NOTE: direct mode has no processor yet: webhooks are \
+        let pending_note = match (site.mode, &site.store) {
+            // Until the WordPress store lands (issue 6), nothing runs these jobs.
+            (Mode::Direct, StoreConfig::WordPress { .. }) => {
+                "  # NOTE: the WordPress user store is not built yet: webhooks are \
                              queued durably and stay pending"
             }
-            Mode::Relay => "",
+            _ => "",
         };
         line(format!("mode = {}{pending_note}", q(mode_name(site.mode))));
         line(format!("respond = {}", q(respond_name(site.respond))));
@@ -2427,6 +2432,11 @@ pub fn render_resolved(config: &Config) -> String {
         line(format!("dedupe_window = {}", dur(site.dedupe_window)));
         line(format!("loopback_lock = {}", dur(site.loopback_lock)));
         line(format!("workers = {}", site.workers));
+        if site.paused {
+            line("paused = true  # webhooks are queued, no job runs".into());
+        } else {
+            line("paused = false".into());
+        }
         line(format!(
             "upstream_concurrency = {}",
             site.upstream_concurrency

@@ -453,6 +453,10 @@ impl Processing {
         let accounts = pace::Accounts::default();
         let mut out = Vec::new();
         for site in &config.sites {
+            if site.paused {
+                tracing::info!(site = %site.name, "processing paused: webhooks are queued, no job runs");
+                continue;
+            }
             let shared = Arc::new(site.clone());
             let processor: Arc<dyn worker::Processor> = match (site.mode, &site.crm) {
                 (config::Mode::Relay, crm) => {

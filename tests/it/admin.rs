@@ -36,10 +36,10 @@ const XSS: &str = "<script>alert(1)</script>";
 // ---------------------------------------------------------------------------------------------
 
 /// A one-site config with `[admin] listen` (the harness binds it on 127.0.0.1:0).
-/// `mode = "direct"` keeps jobs pending (no processor yet), so answers are deterministic.
+/// `mode = "direct"` is paused (jobs stay pending), so answers are deterministic.
 fn config(upstream: &str, mode: &str, admin_lines: &str) -> String {
     let crm = if mode == "direct" {
-        "[site.crm]\nkind = \"activecampaign\"\nurl = \"http://127.0.0.1:9\"\napi_key = \"crm-api-key-77\"\n"
+        "paused = true\n[site.crm]\nkind = \"activecampaign\"\nurl = \"http://127.0.0.1:9\"\napi_key = \"crm-api-key-77\"\n"
     } else {
         ""
     };

@@ -2,8 +2,8 @@
 //! today, the loopback locks (and their durability), limits, backpressure, the browser view,
 //! sync and relay mode against a real upstream, and what reaches the data directory.
 //!
-//! Direct mode has no processor yet, so its jobs stay pending: the answers of a direct-mode
-//! site (queued, coalesced, duplicate) are deterministic. Relay mode is used where a job must
+//! The direct-mode site of these tests is `paused`, so its jobs stay pending: its answers
+//! (queued, coalesced, duplicate) are deterministic. Relay mode is used where a job must
 //! actually run.
 
 use std::path::Path;
@@ -35,9 +35,14 @@ const BROWSER_ACCEPT: &str = "text/html,application/xhtml+xml,application/xml;q=
 // ---------------------------------------------------------------------------------------------
 
 /// A one-site config. `site_lines` go into the `[[site]]` table (they may end with sub-tables
-/// such as `[site.limits]`), `queue_lines` into `[queue]`. Direct mode gets a `[site.crm]`
-/// table (required by the config; never contacted, since direct mode has no processor yet).
+/// such as `[site.limits]`), `queue_lines` into `[queue]`. Direct mode is paused (its jobs stay
+/// pending) and gets a `[site.crm]` table (required by the config; never contacted).
 fn config(upstream: &str, mode: &str, site_lines: &str, queue_lines: &str) -> String {
+    let paused = if mode == "direct" {
+        "paused = true"
+    } else {
+        ""
+    };
     let crm = if mode == "direct" {
         "[site.crm]\nkind = \"activecampaign\"\nurl = \"http://127.0.0.1:9\"\napi_key = \"crm-api-key\"\n"
     } else {
@@ -58,6 +63,7 @@ name = "main"
 upstream = "{upstream}"
 access_key = "{KEY}"
 mode = "{mode}"
+{paused}
 {site_lines}
 {crm}"#
     )
