@@ -484,12 +484,21 @@ impl Processing {
                             continue;
                         }
                     };
-                    let crm =
-                        crm::connect(crm_config, accounts.pacer(crm_config), crm_config.timeout)
-                            .map_err(|error| RunError::Crm {
-                                site: site.name.clone(),
-                                error,
-                            })?;
+                    let crm = crm::connect(crm_config, {
+                        let metrics = self.metrics.clone();
+                        let site_name = site.name.clone();
+                        crm::Link {
+                            pacer: accounts.pacer(crm_config),
+                            timeout: crm_config.timeout,
+                            on_answer: Some(Arc::new(move |status: &str| {
+                                metrics.crm_request(&site_name, status)
+                            })),
+                        }
+                    })
+                    .map_err(|error| RunError::Crm {
+                        site: site.name.clone(),
+                        error,
+                    })?;
                     let mailer = site
                         .mail
                         .as_ref()

@@ -16,7 +16,6 @@
 //! does the same, with `field:ID` as the field's name (see [`Contact::fields`]).
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
 use std::time::Duration;
 
 use http::StatusCode;
@@ -26,7 +25,7 @@ use serde_json::{json, Map, Value};
 use super::http::{id_of, push_tag, scalar_text, Api, Auth, Id};
 use super::{Adapter, Contact, CrmError, CrmSetupError};
 use crate::config::CrmConfig;
-use crate::pace::Pacer;
+use crate::crm::Link;
 
 /// The standard contact fields reported (and written into the contact object by name).
 const STANDARD_FIELDS: [&str; 4] = ["email", "firstName", "lastName", "phone"];
@@ -48,14 +47,10 @@ pub struct ActiveCampaign {
 
 impl ActiveCampaign {
     /// The adapter for `config` (`kind = "activecampaign"`).
-    pub fn new(
-        config: &CrmConfig,
-        pacer: Arc<Pacer>,
-        timeout: Duration,
-    ) -> Result<Self, CrmSetupError> {
+    pub fn new(config: &CrmConfig, link: Link) -> Result<Self, CrmSetupError> {
         let auth = Auth::header("api-token", &config.api_key)?;
         Ok(ActiveCampaign {
-            api: Api::new(&config.url, "/api/3", auth, pacer, timeout)?,
+            api: Api::new(&config.url, "/api/3", auth, link)?,
             tag_names: moka::future::Cache::builder()
                 .max_capacity(TAG_NAME_CAPACITY)
                 .time_to_live(TAG_NAME_TTL)

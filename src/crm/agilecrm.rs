@@ -16,8 +16,6 @@
 //! Agile compares emails case-sensitively; the lookup is as exact as Agile is.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
-use std::time::Duration;
 
 use http::StatusCode;
 use serde::Deserialize;
@@ -26,7 +24,7 @@ use serde_json::{json, Value};
 use super::http::{id_of, push_tag, scalar_text, Answer, Api, Auth};
 use super::{Adapter, Contact, CrmError, CrmSetupError};
 use crate::config::CrmConfig;
-use crate::pace::Pacer;
+use crate::crm::Link;
 
 /// Agile's own contact properties (type `SYSTEM`); every other name is `CUSTOM`.
 const SYSTEM_PROPERTIES: [&str; 9] = [
@@ -51,14 +49,10 @@ pub struct AgileCrm {
 
 impl AgileCrm {
     /// The adapter for `config` (`kind = "agilecrm"`, `user` = the account email).
-    pub fn new(
-        config: &CrmConfig,
-        pacer: Arc<Pacer>,
-        timeout: Duration,
-    ) -> Result<Self, CrmSetupError> {
+    pub fn new(config: &CrmConfig, link: Link) -> Result<Self, CrmSetupError> {
         let auth = Auth::basic(config, "agilecrm")?;
         Ok(AgileCrm {
-            api: Api::new(&config.url, "/dev/api", auth, pacer, timeout)?,
+            api: Api::new(&config.url, "/dev/api", auth, link)?,
         })
     }
 }

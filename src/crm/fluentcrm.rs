@@ -18,8 +18,6 @@
 //! A missing subscriber is answered 404 or 422, or 200 with an empty or `null` subscriber.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
-use std::time::Duration;
 
 use http::StatusCode;
 use serde::Deserialize;
@@ -28,7 +26,7 @@ use serde_json::{json, Map, Value};
 use super::http::{id_of, push_tag, scalar_text, Answer, Api, Auth};
 use super::{Adapter, Contact, CrmError, CrmSetupError};
 use crate::config::CrmConfig;
-use crate::pace::Pacer;
+use crate::crm::Link;
 
 /// The subscriber's own columns, written at the top level of `subscriber`: WP Fusion's
 /// "Standard Fields" for FluentCRM, plus the other writable columns. Every other name is a
@@ -65,14 +63,10 @@ pub struct FluentCrm {
 
 impl FluentCrm {
     /// The adapter for `config` (`kind = "fluentcrm"`, `user` = the application-password user).
-    pub fn new(
-        config: &CrmConfig,
-        pacer: Arc<Pacer>,
-        timeout: Duration,
-    ) -> Result<Self, CrmSetupError> {
+    pub fn new(config: &CrmConfig, link: Link) -> Result<Self, CrmSetupError> {
         let auth = Auth::basic(config, "fluentcrm")?;
         Ok(FluentCrm {
-            api: Api::new(&config.url, "/wp-json/fluent-crm/v2", auth, pacer, timeout)?,
+            api: Api::new(&config.url, "/wp-json/fluent-crm/v2", auth, link)?,
         })
     }
 

@@ -69,6 +69,7 @@ impl Auth {
 pub(crate) struct Api {
     client: reqwest::Client,
     pacer: Arc<Pacer>,
+    on_answer: Option<super::AnswerHook>,
     /// `{crm.url}{api_path}`, e.g. `https://acct.api-us1.com/api/3`.
     base: Url,
     auth: Auth,
@@ -91,9 +92,13 @@ impl Api {
         crm_url: &str,
         api_path: &str,
         auth: Auth,
-        pacer: Arc<Pacer>,
-        timeout: Duration,
+        link: super::Link,
     ) -> Result<Self, CrmSetupError> {
+        let super::Link {
+            pacer,
+            timeout,
+            on_answer,
+        } = link;
         let base = Url::parse(&format!("{}{api_path}", crm_url.trim_end_matches('/')))
             .map_err(|e| CrmSetupError::Url(e.to_string()))?;
         if base.cannot_be_a_base() || !matches!(base.scheme(), "http" | "https") {
@@ -121,6 +126,7 @@ impl Api {
         Ok(Api {
             client,
             pacer,
+            on_answer,
             base,
             auth,
             timeout,
@@ -165,7 +171,14 @@ impl Api {
         expected: &[StatusCode],
     ) -> Result<Answer, CrmError> {
         self.pacer.ready().await;
-        let response = request.send().await.map_err(|e| self.send_error(&e))?;
+        let sent = request.send().await;
+        if let Some(hook) = &self.on_answer {
+            match &sent {
+                Ok(response) => hook(response.status().as_str()),
+                Err(_) => hook("error"),
+            }
+        }
+        let response = sent.map_err(|e| self.send_error(&e))?;
         let status = response.status();
         if !status.is_success() && !expected.contains(&status) {
             let retry_after = response
@@ -482,8 +495,7 @@ mod tests {
             base,
             "/api/3",
             auth,
-            Arc::new(Pacer::new(None)),
-            Duration::from_secs(1),
+            crate::crm::Link::new(Arc::new(Pacer::new(None)), Duration::from_secs(1)),
         )
         .unwrap()
     }
@@ -512,8 +524,7 @@ mod tests {
             "mailto:x",
             "/api/3",
             auth,
-            Arc::new(Pacer::new(None)),
-            Duration::from_secs(1),
+            crate::crm::Link::new(Arc::new(Pacer::new(None)), Duration::from_secs(1)),
         )
         .unwrap_err();
         assert!(matches!(err, CrmSetupError::Url(_)), "{err}");

@@ -26,20 +26,38 @@ pub mod agilecrm;
 pub mod fluentcrm;
 mod http;
 
-/// The adapter for `config.kind`, calling the account at `config.url` through `pacer` (the
-/// account's, shared by every site on it). `timeout` bounds each call, from connecting to
-/// the last byte of the answer; connecting alone gets at most 10 s of it.
-pub fn connect(
-    config: &CrmConfig,
-    pacer: Arc<Pacer>,
-    timeout: Duration,
-) -> Result<Arc<dyn Crm>, CrmSetupError> {
-    Ok(match config.kind {
-        CrmKind::ActiveCampaign => {
-            Arc::new(activecampaign::ActiveCampaign::new(config, pacer, timeout)?)
+/// Told the status of every CRM answer (`"200"`, `"429"` ...) or `"error"` when none came:
+/// the `wpf_gateway_crm_requests_total` counter.
+pub type AnswerHook = Arc<dyn Fn(&str) + Send + Sync>;
+
+/// How the gateway calls one CRM account.
+#[derive(Clone)]
+pub struct Link {
+    /// The account's pacer, shared by every site on it.
+    pub pacer: Arc<Pacer>,
+    /// Bounds each call, from connecting to the last byte of the answer; connecting alone
+    /// gets at most 10 s of it.
+    pub timeout: Duration,
+    pub on_answer: Option<AnswerHook>,
+}
+
+impl Link {
+    /// `pacer` and `timeout`, nobody told of answers.
+    pub fn new(pacer: Arc<Pacer>, timeout: Duration) -> Self {
+        Link {
+            pacer,
+            timeout,
+            on_answer: None,
         }
-        CrmKind::FluentCrm => Arc::new(fluentcrm::FluentCrm::new(config, pacer, timeout)?),
-        CrmKind::AgileCrm => Arc::new(agilecrm::AgileCrm::new(config, pacer, timeout)?),
+    }
+}
+
+/// The adapter for `config.kind`, calling the account at `config.url` over `link`.
+pub fn connect(config: &CrmConfig, link: Link) -> Result<Arc<dyn Crm>, CrmSetupError> {
+    Ok(match config.kind {
+        CrmKind::ActiveCampaign => Arc::new(activecampaign::ActiveCampaign::new(config, link)?),
+        CrmKind::FluentCrm => Arc::new(fluentcrm::FluentCrm::new(config, link)?),
+        CrmKind::AgileCrm => Arc::new(agilecrm::AgileCrm::new(config, link)?),
     })
 }
 

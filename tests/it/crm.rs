@@ -10,7 +10,7 @@ use http::StatusCode;
 use tokio_util::sync::{CancellationToken, DropGuard};
 use wpf_gateway::config::{CrmConfig, CrmKind, Rate, Secret};
 use wpf_gateway::crm::sim::{Failure, SeedData, Sim, SimOptions, SimRate};
-use wpf_gateway::crm::{connect, Contact, Crm, CrmError};
+use wpf_gateway::crm::{connect, Contact, Crm, CrmError, Link};
 use wpf_gateway::pace::Pacer;
 
 const AGILE_ID: &str = "5629499534213120";
@@ -103,7 +103,7 @@ impl Account {
             api_key.unwrap_or(credentials.api_key.expose()),
             &credentials.user,
         );
-        connect(&config, pacer, TIMEOUT).expect("adapter")
+        connect(&config, Link::new(pacer, TIMEOUT)).expect("adapter")
     }
 
     fn requests_to(&self, route: &str) -> u64 {
@@ -310,7 +310,7 @@ async fn server_errors_refused_connections_and_timeouts_are_transient() {
     drop(free);
     for case in &CASES {
         let config = crm_config(case.kind, &url, "SECRET-KEY-9", "u@example.com");
-        let crm = connect(&config, unpaced(), TIMEOUT).unwrap();
+        let crm = connect(&config, Link::new(unpaced(), TIMEOUT)).unwrap();
         let (reason, _) = transient(crm.load_contact(case.id).await);
         assert!(reason.starts_with("CRM unreachable"), "{reason}");
         assert!(
@@ -328,7 +328,7 @@ async fn server_errors_refused_connections_and_timeouts_are_transient() {
         credentials.api_key.expose(),
         &credentials.user,
     );
-    let crm = connect(&config, unpaced(), Duration::from_millis(200)).unwrap();
+    let crm = connect(&config, Link::new(unpaced(), Duration::from_millis(200))).unwrap();
     let (reason, _) = transient(crm.load_contact(case.id).await);
     assert!(reason.contains("did not answer within"), "{reason}");
 }

@@ -344,6 +344,21 @@ async fn crm_rate_limit_and_outage_are_retried_until_success() {
         !activity(&gw, "retry").await.is_empty(),
         "retries are in the activity log"
     );
+
+    // Every CRM answer is counted by status.
+    let metrics = send(
+        Request::get(format!("http://{}/metrics", gw.admin_addr.unwrap()))
+            .header("host", "127.0.0.1")
+            .body(Full::new(Bytes::new()))
+            .unwrap(),
+    )
+    .await
+    .text();
+    for status in ["200", "429", "503"] {
+        let line = format!("wpf_gateway_crm_requests_total{{site=\"main\",status=\"{status}\"}}");
+        assert!(metrics.contains(&line), "{line} missing:\n{metrics}");
+    }
+    assert!(metrics.contains("wpf_gateway_crm_requests_total{site=\"main\",status=\"503\"} 3"));
 }
 
 /// A connection refused is transient too: the job is retried, then dead, never lost.
