@@ -380,7 +380,9 @@ pub async fn run_with(
     let serving = server::serve(&config, gateway.clone(), served, shutdown.clone());
     tokio::pin!(serving);
     tokio::select! {
-        () = &mut serving => {}
+        // The server returns once `shutdown` fires too; checking the signal first makes sure
+        // the drain below (STOPPING=1, /readyz 503) always runs when it did.
+        biased;
         () = shutdown.cancelled() => {
             systemd::stopping();
             health.set_draining();
@@ -388,6 +390,7 @@ pub async fn run_with(
             stop_workers.cancel();
             serving.await;
         }
+        () = &mut serving => {}
     }
     gateway.close_tunnels();
     // Workers finish the job they hold; one still running after the grace stays `running`
