@@ -65,14 +65,26 @@ impl Direct {
     async fn run(&self, job: &Job) -> Result<Processed, ProcessError> {
         let delivery = &job.delivery;
         let action = delivery.action;
-        let contact_id = delivery.contact.as_str();
         let site = self.site.name.as_str();
+        // A contact the webhook named only by email: find it in the CRM first.
+        let mut found = None;
+        if let Some(email) = delivery.contact.email() {
+            let contact = self.crm.find_by_email(email).await.map_err(crm_error)?;
+            found = Some(contact.ok_or_else(|| ProcessError::Permanent {
+                code: "contact_not_found",
+                reason: format!("CRM: no contact has the email {email}"),
+            })?);
+        }
+        let contact_id = match &found {
+            Some(contact) => contact.id.as_str(),
+            None => delivery.contact.as_str(),
+        };
 
         // What the CRM says. Payload tags spare `update_tags` the CRM when the user is known
         // by contact id (finding one by email needs the contact's email: load it then).
         let mut known = None;
-        let payload = match (action, &delivery.payload_tags) {
-            (Action::UpdateTags, Some(tags)) => {
+        let payload = match (action, &delivery.payload_tags, &found) {
+            (Action::UpdateTags, Some(tags), None) => {
                 known = self
                     .store
                     .by_contact(site, contact_id)
@@ -88,9 +100,9 @@ impl Direct {
             _ => None,
         };
         let from_payload = payload.is_some();
-        let contact = match payload {
-            Some(contact) => contact,
-            None => self.crm.load_contact(contact_id).await.map_err(crm_error)?,
+        let contact = match (payload, found.clone()) {
+            (Some(contact), _) | (None, Some(contact)) => contact,
+            (None, None) => self.crm.load_contact(contact_id).await.map_err(crm_error)?,
         };
 
         let mut change = UserChange {

@@ -76,6 +76,26 @@ impl ContactId {
     pub fn as_str(&self) -> &str {
         &self.0
     }
+
+    /// Marks a contact known only by its email (DESIGN §2: an Agile CRM webhook may carry
+    /// `email` and no id): the key is `email:` and the lower-cased address, so repeats for one
+    /// address still coalesce, and direct mode looks the contact up in the CRM.
+    pub const EMAIL_PREFIX: &'static str = "email:";
+
+    /// The key of a contact known only by `email` (which must look like an address).
+    pub fn for_email(email: &str) -> Option<Self> {
+        let email = email.trim();
+        let (local, domain) = email.split_once('@')?;
+        if local.is_empty() || domain.is_empty() || email.contains(char::is_whitespace) {
+            return None;
+        }
+        Self::parse(&format!("{}{}", Self::EMAIL_PREFIX, email.to_lowercase()))
+    }
+
+    /// The email of a key made by [`ContactId::for_email`].
+    pub fn email(&self) -> Option<&str> {
+        self.0.strip_prefix(Self::EMAIL_PREFIX)
+    }
 }
 
 impl fmt::Display for ContactId {

@@ -364,7 +364,9 @@ fn action_label(raw: Option<&str>) -> &'static str {
     }
 }
 
-/// `contact_id` from the query first, else from the CRM payload.
+/// `contact_id` from the query first, else from the CRM payload: its id, else its email (an
+/// `email:` key: direct mode finds the contact by email in the CRM, relay mode sends the
+/// webhook on and the site does).
 fn contact_id(query: &Query, payload: &Payload) -> Result<ContactId, Rejection> {
     if let Some(raw) = &query.contact_id {
         return ContactId::parse(raw).ok_or_else(|| {
@@ -378,13 +380,23 @@ fn contact_id(query: &Query, payload: &Payload) -> Result<ContactId, Rejection> 
             )
         });
     }
-    payload.contact_id.clone().ok_or_else(|| {
-        Rejection::new(
-            StatusCode::BAD_REQUEST,
-            "missing_contact_id",
-            "no contact_id in the query and none in the CRM payload",
-        )
-    })
+    payload
+        .contact_id
+        .clone()
+        .or_else(|| {
+            query
+                .email
+                .as_deref()
+                .or(payload.email.as_deref())
+                .and_then(ContactId::for_email)
+        })
+        .ok_or_else(|| {
+            Rejection::new(
+                StatusCode::BAD_REQUEST,
+                "missing_contact_id",
+                "no contact_id in the query and no contact id or email in the CRM payload",
+            )
+        })
 }
 
 fn rate_limited(message: &str, wait: Duration) -> Rejection {

@@ -670,3 +670,34 @@ async fn direct_mode_site_still_proxies_pages() {
     .await;
     assert_eq!(reply.text(), "page");
 }
+
+/// An Agile CRM webhook that carries only the contact's email: the gateway finds the contact
+/// by email in the CRM and links the user to its real (16-digit) id.
+#[tokio::test]
+async fn agile_webhook_with_only_an_email_is_looked_up() {
+    let crm = start_sim(CrmKind::AgileCrm, vec![]).await;
+    let created = crm
+        .sim
+        .create_contact(contact("", "mo@example.com", "Mo", &["Lead"]))
+        .unwrap();
+    let gw = start(&config(CrmKind::AgileCrm, &crm.url, "sync", "", "")).await;
+    let body = r#"{"eventName":"contact_created","eventData":{"properties":[{"type":"SYSTEM","name":"email","value":"mo@example.com"}]}}"#;
+    let reply = webhook_with(&gw, "wpf_action=add", Some("application/json"), body).await;
+    let json = reply.json();
+    assert_eq!(json["status"], "done", "{json}");
+    assert_eq!(json["contact_id"], "email:mo@example.com");
+    let user = wait_user(&gw, &created.id, |_| true)
+        .await
+        .expect("linked to the real id");
+    assert_eq!(tags(&user), ["Lead"]);
+
+    let body = r#"{"eventData":{"properties":[{"name":"email","value":"nobody@example.com"}]}}"#;
+    let reply = webhook_with(&gw, "wpf_action=add", Some("application/json"), body).await;
+    assert_eq!(reply.status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(
+        reply.json()["error"],
+        "contact_not_found",
+        "{}",
+        reply.text()
+    );
+}

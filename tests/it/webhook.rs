@@ -732,6 +732,19 @@ async fn a_missing_or_wrong_access_key_is_403() {
     gw.stop().await;
 }
 
+/// An Agile CRM webhook with the contact's email and no id is keyed by the email.
+#[tokio::test]
+async fn a_payload_with_only_an_email_is_keyed_by_it() {
+    let gw = TestGateway::start(&direct("")).await;
+    let body = r#"{"eventName":"contact_updated","eventData":{"properties":[{"name":"email","value":"Ann@Example.com"}]}}"#;
+    let r = post(&gw, &hook("update", None), Some(JSON), body).await;
+    assert_eq!(r.status, StatusCode::ACCEPTED, "{}", r.text());
+    assert_eq!(r.json()["contact_id"], "email:ann@example.com");
+    let again = post(&gw, &hook("update", None), Some(JSON), body).await;
+    assert_eq!(again.json()["status"], "duplicate", "{}", again.text());
+    gw.stop().await;
+}
+
 #[tokio::test]
 async fn unusable_requests_are_400() {
     let gw = TestGateway::start(&direct("")).await;
@@ -749,7 +762,7 @@ async fn unusable_requests_are_400() {
             &gw,
             &hook("add", None),
             Some(JSON),
-            r#"{"email":"a@example.com"}"#,
+            r#"{"email":"not-an-address"}"#,
         )
         .await,
         post(&gw, &hook("lock", None), None, "").await,
@@ -759,7 +772,7 @@ async fn unusable_requests_are_400() {
             r.json(),
             error(
                 "missing_contact_id",
-                "no contact_id in the query and none in the CRM payload"
+                "no contact_id in the query and no contact id or email in the CRM payload"
             )
         );
     }
