@@ -180,24 +180,10 @@ fn crm_sim(
             return ExitCode::FAILURE;
         }
     };
-    let runtime = match start_runtime() {
-        Ok(rt) => rt,
-        Err(code) => return code,
-    };
-    let result: anyhow::Result<()> = runtime.block_on(async move {
+    on_runtime("crm-sim", async move {
         let listener = tokio::net::TcpListener::bind(listen).await?;
         let addr = listener.local_addr()?;
-        let shutdown = CancellationToken::new();
-        let mut terminate = signal(SignalKind::terminate())?;
-        let mut interrupt = signal(SignalKind::interrupt())?;
-        let stop = shutdown.clone();
-        tokio::spawn(async move {
-            tokio::select! {
-                _ = terminate.recv() => {}
-                _ = interrupt.recv() => {}
-            }
-            stop.cancel();
-        });
+        let shutdown = stop_on_signals()?;
         // Scripts and tests read this line for the real port (`--listen 127.0.0.1:0`).
         let mut out = std::io::stdout().lock();
         let _ = writeln!(
@@ -209,46 +195,15 @@ fn crm_sim(
         drop(out);
         sim.serve(listener, shutdown).await;
         Ok(())
-    });
-    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("wpf-gateway crm-sim: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
+    })
 }
 
 /// `demo`: run the tour until SIGINT/SIGTERM.
 fn demo() -> ExitCode {
-    let runtime = match start_runtime() {
-        Ok(rt) => rt,
-        Err(code) => return code,
-    };
-    let result: anyhow::Result<()> = runtime.block_on(async {
-        let shutdown = CancellationToken::new();
-        let mut terminate = signal(SignalKind::terminate())?;
-        let mut interrupt = signal(SignalKind::interrupt())?;
-        let stop = shutdown.clone();
-        tokio::spawn(async move {
-            tokio::select! {
-                _ = terminate.recv() => {}
-                _ = interrupt.recv() => {}
-            }
-            stop.cancel();
-        });
-        wpf_gateway::demo::run(shutdown).await?;
+    on_runtime("demo", async {
+        wpf_gateway::demo::run(stop_on_signals()?).await?;
         Ok(())
-    });
-    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("wpf-gateway demo: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
+    })
 }
 
 /// `check`: validate, then print the resolved configuration (secrets masked).
@@ -281,26 +236,11 @@ fn run(path: PathBuf) -> ExitCode {
         eprintln!("wpf-gateway: logging: {e}");
         return ExitCode::FAILURE;
     }
-    let runtime = match start_runtime() {
-        Ok(rt) => rt,
-        Err(code) => return code,
-    };
-    let result: anyhow::Result<()> = runtime.block_on(async move {
+    on_runtime("run", async move {
         let listeners = wpf_gateway::Listeners::bind(&config).await?;
-        let shutdown = CancellationToken::new();
-        let mut terminate = signal(SignalKind::terminate())?;
-        let mut interrupt = signal(SignalKind::interrupt())?;
+        let shutdown = stop_on_signals()?;
         // Registered before serving: SIGHUP's default action would kill the process.
         let mut hangup = signal(SignalKind::hangup())?;
-        let stop = shutdown.clone();
-        tokio::spawn(async move {
-            let name = tokio::select! {
-                _ = terminate.recv() => "SIGTERM",
-                _ = interrupt.recv() => "SIGINT",
-            };
-            tracing::info!(signal = name, "stop requested");
-            stop.cancel();
-        });
         let (reloader, reloads) = wpf_gateway::reload_channel();
         tokio::spawn(async move {
             while hangup.recv().await.is_some() {
@@ -315,24 +255,50 @@ fn run(path: PathBuf) -> ExitCode {
         };
         wpf_gateway::run_with(config, listeners, shutdown, options).await?;
         Ok(())
-    });
+    })
+}
+
+/// Run `job` on a multi-threaded runtime; exit 1 with `wpf-gateway COMMAND: error` when it
+/// fails (or no runtime starts).
+fn on_runtime(
+    command: &str,
+    job: impl std::future::Future<Output = anyhow::Result<()>>,
+) -> ExitCode {
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("wpf-gateway {command}: cannot start runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(job);
     // Spliced tunnels and other stragglers must not hold the exit.
     runtime.shutdown_timeout(std::time::Duration::from_secs(1));
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("wpf-gateway: {e:#}");
+            eprintln!("wpf-gateway {command}: {e:#}");
             ExitCode::FAILURE
         }
     }
 }
 
-/// The multi-threaded runtime, or the exit code after saying why there is none.
-fn start_runtime() -> Result<tokio::runtime::Runtime, ExitCode> {
-    tokio::runtime::Runtime::new().map_err(|e| {
-        eprintln!("cannot start runtime: {e}");
-        ExitCode::FAILURE
-    })
+/// A token cancelled on SIGTERM or SIGINT. Registered at once, so a signal that arrives early
+/// is not lost (and does not kill the process with its default action).
+fn stop_on_signals() -> std::io::Result<CancellationToken> {
+    let shutdown = CancellationToken::new();
+    let mut terminate = signal(SignalKind::terminate())?;
+    let mut interrupt = signal(SignalKind::interrupt())?;
+    let stop = shutdown.clone();
+    tokio::spawn(async move {
+        let name = tokio::select! {
+            _ = terminate.recv() => "SIGTERM",
+            _ = interrupt.recv() => "SIGINT",
+        };
+        tracing::info!(signal = name, "stop requested");
+        stop.cancel();
+    });
+    Ok(shutdown)
 }
 
 /// Logs from `[log]`: text or JSON on stdout; `RUST_LOG`, when set, overrides `log.level`.
