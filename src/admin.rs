@@ -36,7 +36,6 @@
 //! the admin token is only ever compared, and every CRM-controlled value is HTML-escaped.
 
 use std::collections::HashMap;
-use std::convert::Infallible;
 use std::fmt::Write as _;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -51,14 +50,10 @@ use http::header::{
 use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioIo, TokioTimer};
 use serde_json::{json, Value};
 use subtle::ConstantTimeEq;
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
 use crate::config::{Config, Secret, SiteConfig};
 use crate::metrics::Metrics;
@@ -271,69 +266,15 @@ impl Admin {
     /// Serve admin requests on `listener` until `stop`; then open connections get a short
     /// grace to finish and are cut.
     pub async fn serve(self: Arc<Self>, listener: TcpListener, stop: CancellationToken) {
-        let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
-        let connections = TaskTracker::new();
-        let cut = CancellationToken::new();
-        loop {
-            let permit = tokio::select! {
-                () = stop.cancelled() => break,
-                permit = slots.clone().acquire_owned() => match permit {
-                    Ok(permit) => permit,
-                    Err(_) => break,
-                },
-            };
-            let (stream, peer) = tokio::select! {
-                () = stop.cancelled() => break,
-                accepted = listener.accept() => match accepted {
-                    Ok(pair) => pair,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "admin accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
-                },
-            };
-            let admin = self.clone();
-            let stop = stop.clone();
-            let cut = cut.clone();
-            connections.spawn(async move {
-                let service = service_fn(move |req| {
-                    let admin = admin.clone();
-                    async move { Ok::<_, Infallible>(admin.handle(req).await) }
-                });
-                let mut builder = hyper::server::conn::http1::Builder::new();
-                builder
-                    .timer(TokioTimer::new())
-                    .header_read_timeout(HEADER_READ_TIMEOUT);
-                let conn = builder.serve_connection(TokioIo::new(stream), service);
-                tokio::pin!(conn);
-                let mut closing = false;
-                loop {
-                    tokio::select! {
-                        result = conn.as_mut() => {
-                            if let Err(e) = result {
-                                tracing::debug!(%peer, error = %e, "admin connection ended");
-                            }
-                            break;
-                        }
-                        () = stop.cancelled(), if !closing => {
-                            closing = true;
-                            conn.as_mut().graceful_shutdown();
-                        }
-                        () = cut.cancelled() => break,
-                    }
-                }
-                drop(permit);
-            });
-        }
-        connections.close();
-        if tokio::time::timeout(STOP_GRACE, connections.wait())
-            .await
-            .is_err()
-        {
-            cut.cancel();
-            connections.wait().await;
-        }
+        let server = crate::server::InternalServer {
+            name: "admin",
+            max_connections: MAX_CONNECTIONS,
+            header_read_timeout: HEADER_READ_TIMEOUT,
+            stop_grace: STOP_GRACE,
+        };
+        server
+            .serve(listener, move |req| self.clone().handle(req), stop)
+            .await;
     }
 
     /// Route one request: health first (no auth), then host, auth and origin checks.

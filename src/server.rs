@@ -537,3 +537,103 @@ mod tests {
         );
     }
 }
+
+/// How a small internal HTTP/1.1 server (the admin listener, the CRM simulator) serves.
+#[derive(Debug, Clone, Copy)]
+pub struct InternalServer {
+    /// Names the server in logs (`admin`, `crm-sim`).
+    pub name: &'static str,
+    /// Open connections at most; further ones wait in the accept backlog.
+    pub max_connections: usize,
+    /// A client must send its request head within this time.
+    pub header_read_timeout: Duration,
+    /// After `stop`, open connections get this long to finish, then they are cut.
+    pub stop_grace: Duration,
+}
+
+impl InternalServer {
+    /// Serve `handle` on `listener` until `stop`, then drain (see [`InternalServer`]).
+    pub async fn serve<F, Fut>(self, listener: TcpListener, handle: F, stop: CancellationToken)
+    where
+        F: Fn(hyper::Request<hyper::body::Incoming>) -> Fut + Clone + Send + Sync + 'static,
+        Fut: std::future::Future<Output = hyper::Response<Body>> + Send + 'static,
+    {
+        let slots = Arc::new(Semaphore::new(self.max_connections.max(1)));
+        let connections = TaskTracker::new();
+        let cut = CancellationToken::new();
+        loop {
+            let permit = tokio::select! {
+                () = stop.cancelled() => break,
+                permit = slots.clone().acquire_owned() => match permit {
+                    Ok(permit) => permit,
+                    Err(_) => break,
+                },
+            };
+            let (stream, peer) = tokio::select! {
+                () = stop.cancelled() => break,
+                accepted = listener.accept() => match accepted {
+                    Ok(pair) => pair,
+                    Err(e) => {
+                        // Out of descriptors and the like: pause rather than spin.
+                        tracing::warn!(server = self.name, error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+            };
+            let handle = handle.clone();
+            let (stop, cut) = (stop.clone(), cut.clone());
+            connections.spawn(async move {
+                self.connection(stream, peer, handle, stop, cut).await;
+                drop(permit);
+            });
+        }
+        connections.close();
+        if tokio::time::timeout(self.stop_grace, connections.wait())
+            .await
+            .is_err()
+        {
+            cut.cancel();
+            connections.wait().await;
+        }
+    }
+
+    async fn connection<F, Fut>(
+        self,
+        stream: TcpStream,
+        peer: SocketAddr,
+        handle: F,
+        stop: CancellationToken,
+        cut: CancellationToken,
+    ) where
+        F: Fn(hyper::Request<hyper::body::Incoming>) -> Fut + Send + Sync + 'static,
+        Fut: std::future::Future<Output = hyper::Response<Body>> + Send + 'static,
+    {
+        let service = service_fn(move |req| {
+            let answer = handle(req);
+            async move { Ok::<_, Infallible>(answer.await) }
+        });
+        let mut builder = hyper::server::conn::http1::Builder::new();
+        builder
+            .timer(TokioTimer::new())
+            .header_read_timeout(self.header_read_timeout);
+        let conn = builder.serve_connection(TokioIo::new(stream), service);
+        tokio::pin!(conn);
+        let mut closing = false;
+        loop {
+            tokio::select! {
+                result = conn.as_mut() => {
+                    if let Err(e) = result {
+                        tracing::debug!(server = self.name, %peer, error = %e, "connection ended");
+                    }
+                    return;
+                }
+                () = stop.cancelled(), if !closing => {
+                    closing = true;
+                    conn.as_mut().graceful_shutdown();
+                }
+                () = cut.cancelled() => return,
+            }
+        }
+    }
+}

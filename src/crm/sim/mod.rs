@@ -27,8 +27,6 @@ mod limit;
 mod model;
 
 use std::collections::{BTreeMap, VecDeque};
-use std::convert::Infallible;
-use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime};
@@ -38,11 +36,8 @@ use ::http::{HeaderMap, Method, Request, Response, StatusCode};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
 use crate::config::CrmKind;
 use crate::Body;
@@ -62,6 +57,8 @@ const MAX_LOG: usize = 100_000;
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// On shutdown, open connections get this long to finish their request.
 const STOP_GRACE: Duration = Duration::from_secs(1);
+/// Open connections at most (a load test's connections, with room to spare).
+const MAX_CONNECTIONS: usize = 1024;
 /// Query parameters whose values never reach the request log.
 const SECRET_PARAMS: [&str; 6] = [
     "api_key",
@@ -261,74 +258,17 @@ impl Sim {
     /// Serve the API and the control API on `listener` until `shutdown`; then open
     /// connections get a second to finish and are cut.
     pub async fn serve(self: Arc<Self>, listener: TcpListener, shutdown: CancellationToken) {
-        let connections = TaskTracker::new();
-        let cut = CancellationToken::new();
-        loop {
-            let (stream, peer) = tokio::select! {
-                () = shutdown.cancelled() => break,
-                accepted = listener.accept() => match accepted {
-                    Ok(pair) => pair,
-                    Err(e) => {
-                        // Out of descriptors and the like: pause rather than spin.
-                        tracing::warn!(error = %e, "crm-sim accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
-                },
-            };
-            connections.spawn(self.clone().serve_connection(
-                stream,
-                peer,
-                shutdown.clone(),
-                cut.clone(),
-            ));
-        }
-        connections.close();
-        if tokio::time::timeout(STOP_GRACE, connections.wait())
-            .await
-            .is_err()
-        {
-            cut.cancel();
-            connections.wait().await;
-        }
+        let server = crate::server::InternalServer {
+            name: "crm-sim",
+            max_connections: MAX_CONNECTIONS,
+            header_read_timeout: HEADER_READ_TIMEOUT,
+            stop_grace: STOP_GRACE,
+        };
+        server
+            .serve(listener, move |req| self.clone().handle(req), shutdown)
+            .await;
     }
 
-    async fn serve_connection(
-        self: Arc<Self>,
-        stream: tokio::net::TcpStream,
-        peer: SocketAddr,
-        shutdown: CancellationToken,
-        cut: CancellationToken,
-    ) {
-        let service = service_fn(move |req| {
-            let sim = self.clone();
-            async move { Ok::<_, Infallible>(sim.handle(req).await) }
-        });
-        let mut builder = hyper::server::conn::http1::Builder::new();
-        builder
-            .timer(TokioTimer::new())
-            .header_read_timeout(HEADER_READ_TIMEOUT);
-        let conn = builder.serve_connection(TokioIo::new(stream), service);
-        tokio::pin!(conn);
-        let mut draining = false;
-        loop {
-            tokio::select! {
-                result = conn.as_mut() => {
-                    if let Err(e) = result {
-                        tracing::debug!(%peer, error = %e, "crm-sim connection ended");
-                    }
-                    return;
-                }
-                () = shutdown.cancelled(), if !draining => {
-                    draining = true;
-                    conn.as_mut().graceful_shutdown();
-                }
-                () = cut.cancelled() => return,
-            }
-        }
-    }
-
-    /// One request: the control API, or an API call of this kind (then delayed and logged).
     async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Response<Body> {
         let at = SystemTime::now();
         let arrived = Instant::now();
