@@ -1705,13 +1705,17 @@ mod validate {
         sites
     }
 
-    fn site_name(name: &str) -> Result<(), String> {
-        let ok = !name.is_empty()
-            && name.len() <= 64
-            && name
+    /// 1 to 64 of `a-z 0-9 _ -`: site names and WordPress role slugs.
+    fn is_slug(text: &str) -> bool {
+        !text.is_empty()
+            && text.len() <= 64
+            && text
                 .bytes()
-                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-');
-        if ok {
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-')
+    }
+
+    fn site_name(name: &str) -> Result<(), String> {
+        if is_slug(name) {
             Ok(())
         } else {
             Err(format!(
@@ -2019,12 +2023,7 @@ mod validate {
 
     /// A WordPress role slug: what `add_role()` accepts in practice.
     fn role_name(text: &str) -> Result<(), String> {
-        let ok = !text.is_empty()
-            && text.len() <= 64
-            && text
-                .bytes()
-                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-');
-        if !ok {
+        if !is_slug(text) {
             return Err(format!(
                 "{text:?}: expected a role slug like \"subscriber\" (a-z, 0-9, _ and -)"
             ));
