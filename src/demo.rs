@@ -12,6 +12,7 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -27,7 +28,7 @@ use crate::crm::sim::{SeedData, Sim, SimContact, SimOptions, SimRate};
 use crate::store::{EmbeddedStore, UserStore};
 
 /// The demo's access key: it only ever listens on loopback.
-const KEY: &str = "demo-access-key";
+pub const KEY: &str = "demo-access-key";
 /// Contacts of the burst, and webhooks in it.
 const BURST_CONTACTS: usize = 20;
 const BURST_WEBHOOKS: usize = 500;
@@ -63,10 +64,7 @@ async fn tour(dir: &std::path::Path, shutdown: CancellationToken) -> Result<(), 
     let helpers = CancellationToken::new();
     let _stop_helpers = helpers.clone().drop_guard();
 
-    let site = TcpListener::bind("127.0.0.1:0").await?;
-    let site_addr = site.local_addr()?;
-    tokio::spawn(demo_site(site, helpers.clone()));
-
+    let site_addr = start_site(helpers.clone()).await?;
     let mut seed = vec![SimContact {
         email: "ann@example.com".into(),
         first_name: "Ann".into(),
@@ -82,43 +80,18 @@ async fn tour(dir: &std::path::Path, shutdown: CancellationToken) -> Result<(), 
             ..SimContact::default()
         });
     }
-    let options = SimOptions {
-        kind: CrmKind::ActiveCampaign,
-        rate: Some(SimRate {
-            count: 5,
-            per: Duration::from_secs(1),
-        }),
-        latency: Duration::from_millis(50),
-    };
-    let sim = Sim::new(
-        options,
-        SeedData {
-            contacts: seed,
-            ..SeedData::default()
-        },
-    )?;
+    let (sim, crm_addr) = start_sim(activecampaign_options(), seed, helpers.clone()).await?;
     let ids: Vec<String> = sim.contacts().into_iter().map(|c| c.id).collect();
-    let crm = TcpListener::bind("127.0.0.1:0").await?;
-    let crm_addr = crm.local_addr()?;
-    tokio::spawn(sim.clone().serve(crm, helpers.clone()));
 
-    let http = bind_preferred(8080).await?;
-    let admin = bind_preferred(9180).await?;
-    let gateway_addr = http.local_addr()?;
-    let admin_addr = admin.local_addr()?;
-    let config_path = dir.join("demo.toml");
-    std::fs::write(
-        &config_path,
-        config_text(dir, gateway_addr, admin_addr, site_addr, crm_addr),
-    )?;
-    let config = crate::config::load(&config_path)?;
-    let listeners = crate::Listeners {
-        http: vec![http],
-        tls: Vec::new(),
-        admin: Some(admin),
-    };
-    let stop_gateway = CancellationToken::new();
-    let gateway = tokio::spawn(crate::run(config, listeners, stop_gateway.clone()));
+    let gateway = start_gateway(
+        dir,
+        bind_preferred(8080).await?,
+        bind_preferred(9180).await?,
+        site_addr,
+        crm_addr,
+    )
+    .await?;
+    let (gateway_addr, admin_addr) = (gateway.addr, gateway.admin);
 
     println!("wpf-gateway demo (loopback only; Ctrl-C stops it)");
     println!("  gateway      http://{gateway_addr}/   (in front of the demo site at http://{site_addr}/)");
@@ -129,7 +102,7 @@ async fn tour(dir: &std::path::Path, shutdown: CancellationToken) -> Result<(), 
     println!("  data         {}", dir.display());
     println!();
 
-    let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
+    let client = client();
     let base = format!("http://{gateway_addr}");
     let first = ids.first().cloned().unwrap_or_default();
 
@@ -268,19 +241,108 @@ async fn tour(dir: &std::path::Path, shutdown: CancellationToken) -> Result<(), 
     println!("Try: curl -X POST 'http://{gateway_addr}/?wpf_action=update_tags&access_key={KEY}&contact_id={first}'");
     println!("Ctrl-C to stop.");
 
-    let mut gateway = gateway;
-    tokio::select! {
-        () = shutdown.cancelled() => {}
-        result = &mut gateway => {
-            return match result {
-                Ok(r) => r.map_err(DemoError::from),
-                Err(e) => Err(DemoError::Webhook(e.to_string())),
-            };
+    gateway.serve_until(shutdown).await
+}
+
+/// The demo's CRM: ActiveCampaign at the real API's limits, 5 requests/s and 50 ms an answer
+/// (the simulator answers `429` beyond the rate). `examples/crm_bench.rs` measures against it.
+pub fn activecampaign_options() -> SimOptions {
+    SimOptions {
+        kind: CrmKind::ActiveCampaign,
+        rate: Some(SimRate {
+            count: 5,
+            per: Duration::from_secs(1),
+        }),
+        latency: Duration::from_millis(50),
+    }
+}
+
+/// A CRM simulator with `seed`'s contacts on a free loopback port, serving until `stop`.
+pub async fn start_sim(
+    options: SimOptions,
+    seed: Vec<SimContact>,
+    stop: CancellationToken,
+) -> Result<(Arc<Sim>, SocketAddr), DemoError> {
+    let sim = Sim::new(
+        options,
+        SeedData {
+            contacts: seed,
+            ..SeedData::default()
+        },
+    )?;
+    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    tokio::spawn(sim.clone().serve(listener, stop));
+    Ok((sim, addr))
+}
+
+/// The demo site (one page that says where it is) on a free loopback port, until `stop`.
+pub async fn start_site(stop: CancellationToken) -> Result<SocketAddr, DemoError> {
+    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    tokio::spawn(demo_site(listener, stop));
+    Ok(addr)
+}
+
+/// The demo's gateway, running in-process ([`crate::run`]): one site `main` in direct mode,
+/// embedded user store, webhooks on `addr`, admin API and status page on `admin`.
+pub struct RunningGateway {
+    pub addr: SocketAddr,
+    pub admin: SocketAddr,
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<Result<(), crate::RunError>>,
+}
+
+/// Write the demo config into `dir` (also its data dir) and start the gateway on `http` and
+/// `admin`, in front of `site`, with the ActiveCampaign account at `crm` paced at `5/s`.
+pub async fn start_gateway(
+    dir: &std::path::Path,
+    http: TcpListener,
+    admin: TcpListener,
+    site: SocketAddr,
+    crm: SocketAddr,
+) -> Result<RunningGateway, DemoError> {
+    let addr = http.local_addr()?;
+    let admin_addr = admin.local_addr()?;
+    let config_path = dir.join("demo.toml");
+    std::fs::write(&config_path, config_text(dir, addr, admin_addr, site, crm))?;
+    let config = crate::config::load(&config_path)?;
+    let listeners = crate::Listeners {
+        http: vec![http],
+        tls: Vec::new(),
+        admin: Some(admin),
+    };
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(crate::run(config, listeners, stop.clone()));
+    Ok(RunningGateway {
+        addr,
+        admin: admin_addr,
+        stop,
+        task,
+    })
+}
+
+impl RunningGateway {
+    /// Serve until `shutdown` (or until the gateway exits by itself), then stop it.
+    pub async fn serve_until(mut self, shutdown: CancellationToken) -> Result<(), DemoError> {
+        tokio::select! {
+            () = shutdown.cancelled() => self.stop().await,
+            result = &mut self.task => joined(result),
         }
     }
-    stop_gateway.cancel();
-    // The gateway drains and closes its queue before the data directory is removed.
-    match gateway.await {
+
+    /// Stop the gateway and wait until it has drained and closed its queue (so that its data
+    /// directory can be removed).
+    pub async fn stop(self) -> Result<(), DemoError> {
+        self.stop.cancel();
+        joined(self.task.await)
+    }
+}
+
+fn joined(
+    result: Result<Result<(), crate::RunError>, tokio::task::JoinError>,
+) -> Result<(), DemoError> {
+    match result {
         Ok(r) => r.map_err(DemoError::from),
         Err(e) => Err(DemoError::Webhook(e.to_string())),
     }
@@ -364,10 +426,18 @@ async fn demo_site(listener: TcpListener, stop: CancellationToken) {
     }
 }
 
-type DemoClient = Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>;
+/// The HTTP client the demo sends webhooks with (pooled keep-alive connections).
+pub type DemoClient = Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>;
 
-/// Send one webhook; the answer as `STATUS` and its `status` (or `error`) field.
-async fn webhook(
+/// A new [`DemoClient`].
+pub fn client() -> DemoClient {
+    Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>()
+}
+
+/// Send one webhook to the gateway at `base` (`http://ADDR`) with [`KEY`]: `action` with
+/// `body` as its form payload, or with `contact_id=contact` in the query when `body` is
+/// `None`. The answer as `STATUS` and its `status` (or `error`) field; at most 10 s.
+pub async fn webhook(
     client: &DemoClient,
     base: &str,
     action: &str,
@@ -450,8 +520,8 @@ where
     }
 }
 
-/// Poll `done` every 200 ms for up to `limit`.
-async fn wait_until<F, Fut>(limit: Duration, done: F) -> bool
+/// Poll `done` every 200 ms for up to `limit`; whether it came true.
+pub async fn wait_until<F, Fut>(limit: Duration, done: F) -> bool
 where
     F: Fn() -> Fut,
     Fut: std::future::Future<Output = bool>,
