@@ -17,6 +17,7 @@ use crate::config::{Config, StoreConfig};
 use crate::queue::BoxFuture;
 
 pub mod embedded;
+pub mod php;
 
 pub use embedded::{EmbeddedOptions, EmbeddedStore};
 
