@@ -407,6 +407,10 @@ fn store_error(e: StoreError) -> ProcessError {
             code: "conflict",
             reason,
         },
+        StoreError::UnreadableMeta { .. } => ProcessError::Permanent {
+            code: "unreadable_meta",
+            reason: e.to_string(),
+        },
         StoreError::Unavailable(_) => ProcessError::Transient {
             reason: e.to_string(),
             retry_after: None,
