@@ -18,3 +18,4 @@ mod systemd;
 mod tls;
 mod webhook;
 mod wordpress;
+mod wp_php;

@@ -404,3 +404,133 @@ async fn direct_mode_writes_the_wordpress_database() {
         gw.stop().await;
     }
 }
+
+/// WordPress itself reads back what the gateway wrote: `get_user_by('email')`,
+/// `wp_check_password()` on the generated password (6.1 verifies `$2y$` through phpass's
+/// crypt fallback), `get_user_meta(…, 'activecampaign_tags', true)`, `get_userdata()->roles`;
+/// `add` twice makes one user, and a user made by `wp_insert_user` is found by email and
+/// linked. Our login and nicename sanitising agrees with WordPress's own functions.
+#[tokio::test]
+async fn wordpress_reads_back_what_the_gateway_wrote() {
+    use crate::wp_php::{available, WordPressSite};
+    use wpf_gateway::store::wordpress::{sanitize_title, sanitize_user};
+    let server = mariadb!();
+    if !available() {
+        return;
+    }
+    let wp = WordPressSite::install(server, "activecampaign", "http://127.0.0.1:9", &[]).await;
+
+    let names = [
+        "Ann@Example.com",
+        "  ann   lee ",
+        "José Müller",
+        "straße",
+        "a<b>c</b>d",
+        "x%20y",
+        "x&amp;y",
+        "o'neil+tag@x.org",
+        "Dot.Name-1_x",
+    ];
+    let mut args = vec!["sanitize"];
+    args.extend(names);
+    let php = wp.php(&args).await;
+    for (i, name) in names.iter().enumerate() {
+        let login = sanitize_user(name);
+        assert_eq!(php[i][0], login.as_str(), "sanitize_user({name:?})");
+        assert_eq!(
+            php[i][1],
+            sanitize_title(&login).as_str(),
+            "sanitize_title({login:?})"
+        );
+    }
+
+    let bo_id = wp
+        .php(&["insert_user", "bo", "Bo@Example.com", "bo-pass"])
+        .await;
+    let bo_id = bo_id
+        .as_u64()
+        .unwrap_or_else(|| panic!("wp_insert_user: {bo_id}"));
+    let crm = start_sim(
+        CrmKind::ActiveCampaign,
+        vec![
+            contact("41", "ann@example.com", "Ann", &["VIP", "Customer"]),
+            contact("42", "bo@example.com", "Bo", &["Member"]),
+        ],
+    )
+    .await;
+    let extra = format!(
+        "[site.store]\nkind = \"wordpress\"\nurl = \"{}\"\n\n[site.users]\nroles = [\"editor\"]\n",
+        wp.url
+    );
+    let text = config(
+        CrmKind::ActiveCampaign,
+        &crm.url,
+        "sync",
+        "return_password_field = \"field:5\"\n",
+        &extra,
+    );
+    // A short loopback lock: the return password's echo lock is over before the `update`.
+    let gw = crate::support::TestGateway::start_with(&text, |c| {
+        c.sites[0].loopback_lock = std::time::Duration::from_millis(300);
+    })
+    .await;
+
+    for _ in 0..2 {
+        let reply = webhook(&gw, "wpf_action=add&contact_id=41").await;
+        assert_eq!(reply.json()["status"], "done", "{}", reply.text());
+    }
+    let password = crm.sim.contact("41").unwrap().fields["5"].clone();
+    let ann = wp.php(&["user", "ann@example.com"]).await;
+    assert_eq!(ann["login"], "ann@example.com", "{ann}");
+    assert_eq!(ann["nicename"], "annexample-com", "{ann}");
+    assert_eq!(ann["display_name"], "Ann Lee", "{ann}");
+    assert_eq!(ann["roles"], serde_json::json!(["subscriber"]), "{ann}");
+    assert_eq!(ann["tags"], serde_json::json!(["VIP", "Customer"]), "{ann}");
+    assert_eq!(ann["contact_id"], "41", "{ann}");
+    assert_eq!(ann["first_name"], "Ann", "{ann}");
+    assert_eq!(
+        ann["users"], 3,
+        "admin, bo and one ann after two adds: {ann}"
+    );
+    assert_eq!(
+        wp.php(&["check_password", "ann@example.com", &password])
+            .await,
+        true,
+        "wp_check_password on the generated password"
+    );
+    assert_eq!(
+        wp.php(&["check_password", "ann@example.com", "wrong"])
+            .await,
+        false
+    );
+
+    tokio::time::sleep(std::time::Duration::from_millis(400)).await;
+    let reply = webhook(&gw, "wpf_action=update&contact_id=41&role=editor").await;
+    assert_eq!(reply.json()["status"], "done", "{}", reply.text());
+    let mut changed = crm.sim.contact("41").unwrap();
+    changed.tags = vec!["Gold".into()];
+    crm.sim.put_contact(changed).unwrap();
+    let reply = webhook(&gw, "wpf_action=update_tags&contact_id=41").await;
+    assert_eq!(reply.json()["status"], "done", "{}", reply.text());
+    let ann = wp.php(&["user", "ann@example.com"]).await;
+    assert_eq!(ann["roles"], serde_json::json!(["editor"]), "{ann}");
+    assert_eq!(ann["level"], 7, "{ann}");
+    assert_eq!(ann["tags"], serde_json::json!(["Gold"]), "{ann}");
+
+    // Bo was made by WordPress; the CRM's `update` finds him by email and links him.
+    let reply = webhook(&gw, "wpf_action=update&contact_id=42").await;
+    assert_eq!(reply.json()["status"], "done", "{}", reply.text());
+    let bo = wp.php(&["user", "bo@example.com"]).await;
+    assert_eq!(bo["id"], bo_id, "{bo}");
+    assert_eq!(bo["contact_id"], "42", "{bo}");
+    assert_eq!(bo["tags"], serde_json::json!(["Member"]), "{bo}");
+    assert_eq!(bo["roles"], serde_json::json!(["subscriber"]), "{bo}");
+    assert_eq!(bo["users"], 3, "{bo}");
+    assert_eq!(
+        wp.php(&["check_password", "bo@example.com", "bo-pass"])
+            .await,
+        true,
+        "his password is left alone"
+    );
+    gw.stop().await;
+}
