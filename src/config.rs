@@ -187,6 +187,9 @@ pub enum StoreConfig {
         /// (`{crm_slug}_contact_id`, `{crm_slug}_tags`): by default the one WP Fusion uses for
         /// `[site.crm] kind` ([`default_crm_slug`]).
         crm_slug: String,
+        /// After a user changed, call the companion mu-plugin on the upstream
+        /// (`contrib/wordpress/wpf-gateway.php`, [`crate::notify`]).
+        notify: bool,
     },
 }
 
@@ -783,6 +786,7 @@ mod raw {
         pub url_file: Opt<String>,
         pub table_prefix: Opt<String>,
         pub crm_slug: Opt<String>,
+        pub notify: Opt<bool>,
     }
 
     /// A value written as a string with its own syntax (or, for some, as a TOML integer).
@@ -2265,6 +2269,7 @@ mod validate {
                     ("url_file", st.url_file.as_ref().map(Spanned::span)),
                     ("table_prefix", st.table_prefix.as_ref().map(Spanned::span)),
                     ("crm_slug", st.crm_slug.as_ref().map(Spanned::span)),
+                    ("notify", st.notify.as_ref().map(Spanned::span)),
                 ] {
                     if let Some(span) = present {
                         cx.report.add(
@@ -2344,6 +2349,7 @@ mod validate {
                     url,
                     table_prefix,
                     crm_slug,
+                    notify: st.notify.as_ref().is_some_and(|n| *n.get_ref()),
                 }
             }
         }
@@ -2530,11 +2536,13 @@ pub fn render_resolved(config: &Config) -> String {
                 url: _,
                 table_prefix,
                 crm_slug,
+                notify,
             } => {
                 line("kind = \"wordpress\"".into());
                 line(format!("url = {MASK}"));
                 line(format!("table_prefix = {}", q(table_prefix)));
                 line(format!("crm_slug = {}", q(crm_slug)));
+                line(format!("notify = {notify}"));
             }
         }
 
@@ -2885,7 +2893,9 @@ table_prefix = "wpx_"
                 url,
                 table_prefix,
                 crm_slug,
+                notify,
             } => {
+                assert!(!notify);
                 assert_eq!(url.expose(), "mysql://u:pw@127.0.0.1/wp");
                 assert_eq!(table_prefix, "wpx_");
                 assert_eq!(crm_slug, "agilecrm", "WP Fusion's slug of the CRM kind");

@@ -21,6 +21,7 @@ pub mod demo;
 pub mod direct;
 pub mod mail;
 pub mod metrics;
+pub mod notify;
 pub mod pace;
 pub mod proxy;
 pub mod queue;
@@ -105,6 +106,8 @@ pub enum RunError {
         site: String,
         error: mail::MailError,
     },
+    #[error("notify client of site {site}: {error}")]
+    Notify { site: String, error: rustls::Error },
 }
 
 /// Everything a request needs, shared by all connections.
@@ -553,13 +556,19 @@ impl Processing {
                             site: site.name.clone(),
                             error,
                         })?;
-                    Arc::new(direct::Direct::new(
-                        shared,
-                        crm,
-                        user_store,
-                        self.queue.clone(),
-                        mailer,
-                    ))
+                    let notifier = match &site.store {
+                        config::StoreConfig::WordPress { notify: true, .. } => Some(
+                            notify::Notifier::new(site).map_err(|error| RunError::Notify {
+                                site: site.name.clone(),
+                                error,
+                            })?,
+                        ),
+                        _ => None,
+                    };
+                    Arc::new(
+                        direct::Direct::new(shared, crm, user_store, self.queue.clone(), mailer)
+                            .with_notifier(notifier),
+                    )
                 }
             };
             out.push((Arc::from(site.name.as_str()), processor));

@@ -534,3 +534,112 @@ async fn wordpress_reads_back_what_the_gateway_wrote() {
     );
     gw.stop().await;
 }
+
+/// `[site.store] notify = true`: after the change the gateway calls the companion mu-plugin on
+/// the site (real WordPress under `php -S`), which fires `wpf_tags_modified`. While the site is
+/// down the user is already saved and the job retries; once it is up, the retry notifies. A
+/// wrong key is refused.
+#[tokio::test]
+async fn notify_reaches_the_mu_plugin_and_a_failed_notify_is_retried() {
+    use crate::support::{send, TestGateway};
+    use crate::wp_php::{available, WordPressSite};
+    use std::time::{Duration, Instant};
+    let server = mariadb!();
+    if !available() {
+        return;
+    }
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let home = format!("http://127.0.0.1:{port}");
+    let key = "test-key-123";
+    let wp =
+        WordPressSite::install(server, "activecampaign", &home, &[("WPF_GATEWAY_KEY", key)]).await;
+    let plugin = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("contrib/wordpress/wpf-gateway.php"),
+    )
+    .unwrap();
+    wp.mu_plugin("wpf-gateway.php", &plugin);
+    let log = wp.dir.path().join("modified.log");
+    wp.mu_plugin(
+        "record.php",
+        &format!(
+            "<?php\nadd_action( 'wpf_tags_modified', function ( $id, $tags ) {{\n\
+             \tfile_put_contents( '{}', $id . ':' . implode( ',', $tags ) . \"\\n\", FILE_APPEND );\n\
+             }}, 10, 2 );\n",
+            log.display()
+        ),
+    );
+
+    let crm = start_sim(
+        CrmKind::ActiveCampaign,
+        vec![contact("51", "cy@example.com", "Cy", &["VIP", "Customer"])],
+    )
+    .await;
+    let extra = format!(
+        "[site.store]\nkind = \"wordpress\"\nurl = \"{}\"\nnotify = true\n",
+        wp.url
+    );
+    let text = config(CrmKind::ActiveCampaign, &crm.url, "async", "", &extra).replace(
+        "upstream = \"http://127.0.0.1:9\"",
+        &format!("upstream = \"{home}\""),
+    );
+    let gw = TestGateway::start_with(&text, |c| {
+        c.queue.retry_schedule = vec![Duration::from_millis(300)];
+        c.queue.retry_until = Duration::from_secs(30);
+    })
+    .await;
+
+    // The site is down: the user is saved all the same, and nobody was told.
+    let reply = webhook(&gw, "wpf_action=add&contact_id=51").await;
+    assert_eq!(reply.status, StatusCode::ACCEPTED, "{}", reply.text());
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let user = loop {
+        let user = wp.php(&["user", "cy@example.com"]).await;
+        if !user.is_null() {
+            break user;
+        }
+        assert!(Instant::now() < deadline, "the user was never saved");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(
+        user["tags"],
+        serde_json::json!(["VIP", "Customer"]),
+        "{user}"
+    );
+    assert!(!log.exists(), "no notify reached a site that is down");
+
+    // The site comes up: the job's retry notifies it.
+    let site = wp.serve(port).await;
+    let expected = format!("{}:VIP,Customer\n", user["id"]);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::fs::read_to_string(&log).unwrap_or_default() != expected {
+        assert!(
+            Instant::now() < deadline,
+            "notify never arrived: {:?}",
+            std::fs::read_to_string(&log)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(wp.php(&["user", "cy@example.com"]).await["users"], 2);
+
+    // The endpoint wants the key.
+    let forged = hyper::Request::post(format!("{home}/?wpf_gateway=user_changed"))
+        .header("x-wpf-gateway-key", "wrong")
+        .body(http_body_util::Full::new(bytes::Bytes::from(format!(
+            "{{\"user_id\":{}}}",
+            user["id"]
+        ))))
+        .unwrap();
+    let reply = send(forged).await;
+    assert_eq!(reply.status, StatusCode::FORBIDDEN, "{}", reply.text());
+    assert_eq!(
+        std::fs::read_to_string(&log).unwrap(),
+        expected,
+        "not fired"
+    );
+    site.stop().await;
+    gw.stop().await;
+}

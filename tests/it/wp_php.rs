@@ -201,3 +201,45 @@ impl WordPressSite {
         serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("php {args:?}: {e}: {stdout}"))
     }
 }
+
+/// `php -S` serving the site (WordPress through `wp.php` as the router) until dropped.
+pub struct PhpServer {
+    child: tokio::process::Child,
+}
+
+impl WordPressSite {
+    /// Put a mu-plugin in the site (`name` in `mu-plugins/`).
+    pub fn mu_plugin(&self, name: &str, text: &str) {
+        std::fs::write(self.dir.path().join("mu-plugins").join(name), text).expect("mu-plugin");
+    }
+
+    /// Serve the site on `127.0.0.1:port`; returns once it takes connections (within 10 s).
+    pub async fn serve(&self, port: u16) -> PhpServer {
+        let child = tokio::process::Command::new("php")
+            .arg("-d")
+            .arg("display_errors=stderr")
+            .arg("-S")
+            .arg(format!("127.0.0.1:{port}"))
+            .arg(&self.script)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("php -S");
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_err()
+        {
+            assert!(std::time::Instant::now() < deadline, "php -S did not start");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        PhpServer { child }
+    }
+}
+
+impl PhpServer {
+    pub async fn stop(mut self) {
+        let _ = self.child.kill().await;
+    }
+}
