@@ -183,7 +183,25 @@ pub enum StoreConfig {
     WordPress {
         url: Secret,
         table_prefix: String,
+        /// WP Fusion's slug of the CRM, the start of its user meta keys
+        /// (`{crm_slug}_contact_id`, `{crm_slug}_tags`): by default the one WP Fusion uses for
+        /// `[site.crm] kind` ([`default_crm_slug`]).
+        crm_slug: String,
+        /// After a user changed, call the companion mu-plugin on the upstream
+        /// (`contrib/wordpress/wpf-gateway.php`, [`crate::notify`]).
+        notify: bool,
     },
+}
+
+/// The slug WP Fusion registers for the CRM (`wpf_get_option('crm')`), which starts its user
+/// meta keys: `activecampaign`, `fluentcrm-rest` (FluentCRM on another site, over its REST
+/// API, as the gateway talks to it; `fluentcrm` is FluentCRM on the same site), `agilecrm`.
+pub fn default_crm_slug(kind: CrmKind) -> &'static str {
+    match kind {
+        CrmKind::ActiveCampaign => "activecampaign",
+        CrmKind::FluentCrm => "fluentcrm-rest",
+        CrmKind::AgileCrm => "agilecrm",
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -767,6 +785,8 @@ mod raw {
         pub url: Opt<String>,
         pub url_file: Opt<String>,
         pub table_prefix: Opt<String>,
+        pub crm_slug: Opt<String>,
+        pub notify: Opt<bool>,
     }
 
     /// A value written as a string with its own syntax (or, for some, as a TOML integer).
@@ -1918,10 +1938,9 @@ mod validate {
                 cx.problem(m, &key("mode"), "\"direct\" needs a [site.crm] table: the gateway loads contacts from the CRM itself");
             }
         }
-        let store = s
-            .store
-            .as_ref()
-            .map_or(StoreConfig::Embedded, |st| store(cx, st, prefix));
+        let store = s.store.as_ref().map_or(StoreConfig::Embedded, |st| {
+            store(cx, st, prefix, crm.as_ref().map(|c| c.kind))
+        });
         let fields = match &s.fields {
             Some(f) => fields(cx, f.get_ref(), prefix),
             None => default_fields(crm.as_ref().map(|c| c.kind)),
@@ -2228,7 +2247,12 @@ mod validate {
         }
     }
 
-    fn store(cx: &mut Ctx<'_>, st: &Spanned<RawStore>, prefix: &str) -> StoreConfig {
+    fn store(
+        cx: &mut Ctx<'_>,
+        st: &Spanned<RawStore>,
+        prefix: &str,
+        crm_kind: Option<CrmKind>,
+    ) -> StoreConfig {
         let offset = st.span().start;
         let prefix = format!("{prefix}.store");
         let key = |name: &str| format!("{prefix}.{name}");
@@ -2243,6 +2267,8 @@ mod validate {
                     ("url", st.url.as_ref().map(Spanned::span)),
                     ("url_file", st.url_file.as_ref().map(Spanned::span)),
                     ("table_prefix", st.table_prefix.as_ref().map(Spanned::span)),
+                    ("crm_slug", st.crm_slug.as_ref().map(Spanned::span)),
+                    ("notify", st.notify.as_ref().map(Spanned::span)),
                 ] {
                     if let Some(span) = present {
                         cx.report.add(
@@ -2291,7 +2317,39 @@ mod validate {
                         text.clone()
                     }
                 };
-                StoreConfig::WordPress { url, table_prefix }
+                let crm_slug = match &st.crm_slug {
+                    Some(slug) => {
+                        let text = slug.get_ref();
+                        let ok = !text.is_empty()
+                            && text.len() <= 64
+                            && text.bytes().all(|b| {
+                                b.is_ascii_lowercase()
+                                    || b.is_ascii_digit()
+                                    || b == b'_'
+                                    || b == b'-'
+                            });
+                        if !ok {
+                            cx.problem(
+                                slug,
+                                &key("crm_slug"),
+                                format!(
+                                    "{text:?}: expected WP Fusion's CRM slug, lower-case letters, \
+                                     digits, - and _ like \"activecampaign\" or \"fluentcrm-rest\""
+                                ),
+                            );
+                        }
+                        text.clone()
+                    }
+                    // Direct mode without [site.crm] is reported elsewhere; relay mode does not
+                    // write users.
+                    None => crm_kind.map_or("", default_crm_slug).to_owned(),
+                };
+                StoreConfig::WordPress {
+                    url,
+                    table_prefix,
+                    crm_slug,
+                    notify: st.notify.as_ref().is_some_and(|n| *n.get_ref()),
+                }
             }
         }
     }
@@ -2416,15 +2474,7 @@ pub fn render_resolved(config: &Config) -> String {
         ));
         line(format!("upstream_timeout = {}", dur(site.upstream_timeout)));
         line(format!("access_key = {MASK}"));
-        let pending_note = match (site.mode, &site.store) {
-            // Until the WordPress store lands (issue 6), nothing runs these jobs.
-            (Mode::Direct, StoreConfig::WordPress { .. }) => {
-                "  # NOTE: the WordPress user store is not built yet: webhooks are \
-                             queued durably and stay pending"
-            }
-            _ => "",
-        };
-        line(format!("mode = {}{pending_note}", q(mode_name(site.mode))));
+        line(format!("mode = {}", q(mode_name(site.mode))));
         line(format!("respond = {}", q(respond_name(site.respond))));
         line(format!("max_body = {}", q(&format_size(site.max_body))));
         line(format!("sync_timeout = {}", dur(site.sync_timeout)));
@@ -2484,10 +2534,14 @@ pub fn render_resolved(config: &Config) -> String {
             StoreConfig::WordPress {
                 url: _,
                 table_prefix,
+                crm_slug,
+                notify,
             } => {
                 line("kind = \"wordpress\"".into());
                 line(format!("url = {MASK}"));
                 line(format!("table_prefix = {}", q(table_prefix)));
+                line(format!("crm_slug = {}", q(crm_slug)));
+                line(format!("notify = {notify}"));
             }
         }
 
@@ -2834,9 +2888,16 @@ table_prefix = "wpx_"
         assert_eq!(crm.user.as_deref(), Some("me@example.com"));
         assert_eq!((crm.rate.count, crm.rate.burst), (2, 1));
         match &s.store {
-            StoreConfig::WordPress { url, table_prefix } => {
+            StoreConfig::WordPress {
+                url,
+                table_prefix,
+                crm_slug,
+                notify,
+            } => {
+                assert!(!notify);
                 assert_eq!(url.expose(), "mysql://u:pw@127.0.0.1/wp");
                 assert_eq!(table_prefix, "wpx_");
+                assert_eq!(crm_slug, "agilecrm", "WP Fusion's slug of the CRM kind");
             }
             StoreConfig::Embedded => panic!("expected wordpress"),
         }

@@ -6,7 +6,8 @@
 //!     -> the change (tags; update/add: mapped fields and an allowed role)
 //!     -> add of a new user: username, password, role; return password -> lock, write to CRM
 //!     -> store.apply (one transaction: find by contact id, else email; update or create)
-//!     -> welcome mail (add, send_notification, created) -> Processed (detail + report)
+//!     -> welcome mail (add, send_notification, created)
+//!     -> notify the site ([site.store] notify; a failure retries the job) -> Processed
 //! ```
 //!
 //! Errors keep their kind: CRM and store errors that a retry can fix are transient, the rest
@@ -23,6 +24,7 @@ use serde_json::json;
 use crate::config::SiteConfig;
 use crate::crm::{Contact, Crm, CrmError};
 use crate::mail::{Mailer, Welcome};
+use crate::notify::Notifier;
 use crate::queue::{Action, BoxFuture, Job, SqliteQueue};
 use crate::store::{Applied, NewUser, StoreError, User, UserChange, UserStore};
 use crate::worker::{ProcessError, Processed, Processor};
@@ -42,6 +44,8 @@ pub struct Direct {
     /// Loopback locks after the gateway's own CRM writes (return password).
     queue: Arc<SqliteQueue>,
     mailer: Option<Mailer>,
+    /// `[site.store] notify = true`: tell the site after a user changed.
+    notifier: Option<Notifier>,
 }
 
 impl Direct {
@@ -59,7 +63,14 @@ impl Direct {
             store,
             queue,
             mailer,
+            notifier: None,
         }
+    }
+
+    /// Tell the site (its companion mu-plugin) after each user change.
+    pub fn with_notifier(mut self, notifier: Option<Notifier>) -> Self {
+        self.notifier = notifier;
+        self
     }
 
     async fn run(&self, job: &Job) -> Result<Processed, ProcessError> {
@@ -164,6 +175,20 @@ impl Direct {
                 self.welcome(&applied.user, &contact, generated.as_deref())
                     .await,
             );
+        }
+        // After the commit (and the mail): a failed notify retries the job, whose second run
+        // finds the user up to date and notifies again; so a retry always notifies.
+        if let Some(notifier) = &self.notifier {
+            if !applied.changed.is_empty() || job.attempts > 1 {
+                notifier
+                    .user_changed(&applied.user)
+                    .await
+                    .map_err(|reason| ProcessError::Transient {
+                        reason: format!("user saved; notifying the site failed: {reason}"),
+                        retry_after: None,
+                    })?;
+                notes.push("site notified".into());
+            }
         }
         Ok(self.processed(action, &contact, from_payload, &applied, notes))
     }
@@ -406,6 +431,10 @@ fn store_error(e: StoreError) -> ProcessError {
         StoreError::Conflict(reason) => ProcessError::Permanent {
             code: "conflict",
             reason,
+        },
+        StoreError::UnreadableMeta { .. } => ProcessError::Permanent {
+            code: "unreadable_meta",
+            reason: e.to_string(),
         },
         StoreError::Unavailable(_) => ProcessError::Transient {
             reason: e.to_string(),

@@ -21,6 +21,7 @@ pub mod demo;
 pub mod direct;
 pub mod mail;
 pub mod metrics;
+pub mod notify;
 pub mod pace;
 pub mod proxy;
 pub mod queue;
@@ -105,6 +106,8 @@ pub enum RunError {
         site: String,
         error: mail::MailError,
     },
+    #[error("notify client of site {site}: {error}")]
+    Notify { site: String, error: rustls::Error },
 }
 
 /// Everything a request needs, shared by all connections.
@@ -421,6 +424,15 @@ pub(crate) struct Processing {
     pub metrics: Arc<metrics::Metrics>,
     data_dir: std::path::PathBuf,
     embedded: tokio::sync::OnceCell<Arc<store::embedded::EmbeddedStore>>,
+    /// One WordPress store (one connection pool) per site, made when the site is first
+    /// processed and kept across reloads while its database settings stay the same.
+    wordpress: std::sync::Mutex<std::collections::HashMap<String, WordPressEntry>>,
+}
+
+/// A site's WordPress store and the settings it was made with.
+struct WordPressEntry {
+    settings: (String, String, String, Vec<String>),
+    store: Arc<store::WordPressStore>,
 }
 
 impl Processing {
@@ -434,7 +446,48 @@ impl Processing {
             metrics,
             data_dir: config.server.data_dir.clone(),
             embedded: tokio::sync::OnceCell::new(),
+            wordpress: Default::default(),
         }
+    }
+
+    /// The WordPress store of `site` (its pool connects lazily, on the first job).
+    fn wordpress(&self, site: &config::SiteConfig) -> Result<Arc<store::WordPressStore>, RunError> {
+        let config::StoreConfig::WordPress {
+            url,
+            table_prefix,
+            crm_slug,
+            ..
+        } = &site.store
+        else {
+            return Err(RunError::Store(store::StoreError::Conflict(format!(
+                "site {:?} has no WordPress store",
+                site.name
+            ))));
+        };
+        let options = store::wordpress::options_for(site, table_prefix, crm_slug);
+        let settings = (
+            url.expose().to_owned(),
+            table_prefix.clone(),
+            crm_slug.clone(),
+            options.meta_keys.clone(),
+        );
+        // Never held across an await: the map only hands out `Arc`s.
+        let mut stores = self
+            .wordpress
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(entry) = stores.get(&site.name).filter(|e| e.settings == settings) {
+            return Ok(entry.store.clone());
+        }
+        let store = Arc::new(store::WordPressStore::connect(url, options)?);
+        stores.insert(
+            site.name.clone(),
+            WordPressEntry {
+                settings,
+                store: store.clone(),
+            },
+        );
+        Ok(store)
     }
 
     async fn embedded(&self) -> Result<Arc<store::embedded::EmbeddedStore>, RunError> {
@@ -449,9 +502,8 @@ impl Processing {
         Ok(store.clone())
     }
 
-    /// The processor of every site whose jobs can be processed now: relay mode, and direct
-    /// mode with the embedded store. Direct mode on a WordPress database waits for its store
-    /// (issue 6): those jobs stay pending, durably; `check` says so.
+    /// The processor of every site that is not paused: relay mode, and direct mode with the
+    /// embedded store or the site's WordPress database.
     pub async fn processors(&self, config: &Config) -> Result<Vec<SiteProcessor>, RunError> {
         let accounts = pace::Accounts::default();
         let mut out = Vec::new();
@@ -478,14 +530,7 @@ impl Processing {
                 (config::Mode::Direct, Some(crm_config)) => {
                     let user_store: Arc<dyn store::UserStore> = match &site.store {
                         config::StoreConfig::Embedded => self.embedded().await?,
-                        config::StoreConfig::WordPress { .. } => {
-                            tracing::warn!(
-                                site = %site.name,
-                                "the WordPress user store is not built yet: direct-mode webhooks \
-                                 are queued and kept pending"
-                            );
-                            continue;
-                        }
+                        config::StoreConfig::WordPress { .. } => self.wordpress(site)?,
                     };
                     let crm = crm::connect(crm_config, {
                         let metrics = self.metrics.clone();
@@ -511,13 +556,19 @@ impl Processing {
                             site: site.name.clone(),
                             error,
                         })?;
-                    Arc::new(direct::Direct::new(
-                        shared,
-                        crm,
-                        user_store,
-                        self.queue.clone(),
-                        mailer,
-                    ))
+                    let notifier = match &site.store {
+                        config::StoreConfig::WordPress { notify: true, .. } => Some(
+                            notify::Notifier::new(site).map_err(|error| RunError::Notify {
+                                site: site.name.clone(),
+                                error,
+                            })?,
+                        ),
+                        _ => None,
+                    };
+                    Arc::new(
+                        direct::Direct::new(shared, crm, user_store, self.queue.clone(), mailer)
+                            .with_notifier(notifier),
+                    )
                 }
             };
             out.push((Arc::from(site.name.as_str()), processor));

@@ -41,9 +41,9 @@ const SCHEMA_VERSION: i64 = 1;
 /// Connections at most: one writes at a time (the write lock), the others read meanwhile.
 const POOL_SIZE: u32 = 4;
 /// `name`, `name-2` … `name-1000`: enough for any real clash, and a bound on the search.
-const MAX_USERNAME_TRIES: u32 = 1000;
+pub(super) const MAX_USERNAME_TRIES: u32 = 1000;
 /// The costs bcrypt accepts.
-const BCRYPT_COSTS: std::ops::RangeInclusive<u32> = 4..=31;
+pub(super) const BCRYPT_COSTS: std::ops::RangeInclusive<u32> = 4..=31;
 
 const SCHEMA: &str = r#"
 CREATE TABLE IF NOT EXISTS users (
@@ -303,16 +303,16 @@ impl UserStore for EmbeddedStore {
     }
 }
 
-/// A [`UserChange`] as the store compares it: email trimmed (and its key), tags without
+/// A [`UserChange`] as the stores compare it: email trimmed (and its key), tags without
 /// repeats (the first of each kept, in order).
-struct Normalized {
-    contact_id: String,
-    email: String,
-    email_key: String,
-    tags: Vec<String>,
-    meta: BTreeMap<String, String>,
-    role: Option<String>,
-    create: Option<NewUser>,
+pub(super) struct Normalized {
+    pub contact_id: String,
+    pub email: String,
+    pub email_key: String,
+    pub tags: Vec<String>,
+    pub meta: BTreeMap<String, String>,
+    pub role: Option<String>,
+    pub create: Option<NewUser>,
 }
 
 impl From<UserChange> for Normalized {
@@ -336,7 +336,7 @@ impl From<UserChange> for Normalized {
 }
 
 /// What emails are compared by: trimmed, lower-cased (Unicode, not only ASCII).
-fn email_key(email: &str) -> String {
+pub(super) fn email_key(email: &str) -> String {
     email.trim().to_lowercase()
 }
 

@@ -17,8 +17,11 @@ use crate::config::{Config, StoreConfig};
 use crate::queue::BoxFuture;
 
 pub mod embedded;
+pub mod php;
+pub mod wordpress;
 
 pub use embedded::{EmbeddedOptions, EmbeddedStore};
+pub use wordpress::{WordPressOptions, WordPressStore};
 
 /// A stored user. The password hash never leaves the store.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -99,6 +102,16 @@ pub enum StoreError {
     /// different contact, ...): a retry cannot help.
     #[error("{0}")]
     Conflict(String),
+    /// A stored meta value the store cannot read (not the PHP array WP Fusion writes, or a
+    /// serialized value that does not parse): the value is left as it is and the change is
+    /// not applied; a retry cannot help until someone looks at it.
+    #[error("user {user_id} of site {site:?}: meta {key:?} cannot be read: {reason}")]
+    UnreadableMeta {
+        site: String,
+        user_id: u64,
+        key: String,
+        reason: String,
+    },
     /// The database failed (I/O, busy, connection lost): a retry can help.
     #[error("user store unavailable: {0}")]
     Unavailable(String),
@@ -189,11 +202,6 @@ pub enum UserQuery {
 pub enum LookupError {
     #[error("no site named {site:?} in {file}")]
     UnknownSite { site: String, file: String },
-    #[error(
-        "site {site:?} keeps its users in WordPress ([site.store] kind = \"wordpress\"); \
-         `wpf-gateway user` reads the embedded store only"
-    )]
-    NotEmbedded { site: String },
     #[error("no user of site {site:?} is linked to contact {contact_id}")]
     NoUserForContact { site: String, contact_id: String },
     #[error("no user of site {site:?} has the email {email}")]
@@ -203,7 +211,9 @@ pub enum LookupError {
 }
 
 /// The stored user of `site` that `query` names, for `wpf-gateway user`. Opens the embedded
-/// store read-only, so it is safe while a gateway is running on the same `data_dir`.
+/// store read-only, so it is safe while a gateway is running on the same `data_dir`; a
+/// WordPress site's user is read from its database as the gateway reads it (same lookups,
+/// same meta keys).
 pub async fn lookup_user(
     config: &Config,
     site: &str,
@@ -217,17 +227,26 @@ pub async fn lookup_user(
             site: site.to_owned(),
             file: config.source.display().to_string(),
         })?;
-    if !matches!(site_config.store, StoreConfig::Embedded) {
-        return Err(LookupError::NotEmbedded {
-            site: site.to_owned(),
-        });
-    }
-    let store = EmbeddedStore::open_read_only(&config.server.data_dir).await?;
-    let found = match query {
-        UserQuery::ContactId(id) => store.by_contact(site, id).await,
-        UserQuery::Email(email) => store.by_email(site, email).await,
+    let found = match &site_config.store {
+        StoreConfig::Embedded => {
+            let store = EmbeddedStore::open_read_only(&config.server.data_dir).await?;
+            let found = find(&store, site, query).await;
+            store.close().await;
+            found
+        }
+        StoreConfig::WordPress {
+            url,
+            table_prefix,
+            crm_slug,
+            ..
+        } => {
+            let options = wordpress::options_for(site_config, table_prefix, crm_slug);
+            let store = WordPressStore::connect(url, options)?;
+            let found = find(&store, site, query).await;
+            store.close().await;
+            found
+        }
     };
-    store.close().await;
     found?.ok_or_else(|| match query {
         UserQuery::ContactId(id) => LookupError::NoUserForContact {
             site: site.to_owned(),
@@ -238,6 +257,17 @@ pub async fn lookup_user(
             email: email.clone(),
         },
     })
+}
+
+async fn find(
+    store: &dyn UserStore,
+    site: &str,
+    query: &UserQuery,
+) -> Result<Option<User>, StoreError> {
+    match query {
+        UserQuery::ContactId(id) => store.by_contact(site, id).await,
+        UserQuery::Email(email) => store.by_email(site, email).await,
+    }
 }
 
 /// `user` as the JSON `wpf-gateway user` prints (DESIGN §5): `id`, `username`, `email`,

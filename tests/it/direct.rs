@@ -18,13 +18,13 @@ use crate::support::{send, Reply, SmtpSink, TestGateway, TestUpstream};
 const KEY: &str = "test-key-123";
 
 /// A simulator serving on 127.0.0.1:0 until dropped.
-struct RunningSim {
-    sim: Arc<Sim>,
-    url: String,
+pub(crate) struct RunningSim {
+    pub sim: Arc<Sim>,
+    pub url: String,
     _stop: DropGuard,
 }
 
-async fn start_sim(kind: CrmKind, contacts: Vec<SimContact>) -> RunningSim {
+pub(crate) async fn start_sim(kind: CrmKind, contacts: Vec<SimContact>) -> RunningSim {
     start_sim_with(SimOptions::new(kind), contacts).await
 }
 
@@ -48,7 +48,7 @@ async fn start_sim_with(options: SimOptions, contacts: Vec<SimContact>) -> Runni
     }
 }
 
-fn contact(id: &str, email: &str, first: &str, tags: &[&str]) -> SimContact {
+pub(crate) fn contact(id: &str, email: &str, first: &str, tags: &[&str]) -> SimContact {
     SimContact {
         id: id.into(),
         email: email.into(),
@@ -59,7 +59,7 @@ fn contact(id: &str, email: &str, first: &str, tags: &[&str]) -> SimContact {
     }
 }
 
-fn kind_name(kind: CrmKind) -> &'static str {
+pub(crate) fn kind_name(kind: CrmKind) -> &'static str {
     match kind {
         CrmKind::ActiveCampaign => "activecampaign",
         CrmKind::FluentCrm => "fluentcrm",
@@ -69,7 +69,13 @@ fn kind_name(kind: CrmKind) -> &'static str {
 
 /// One direct-mode site on `crm`, answering in `respond` mode, with `extra` TOML appended to
 /// the site (its own tables: `[site.fields]`, `[site.users]` ...) and short retries.
-fn config(kind: CrmKind, crm: &str, respond: &str, crm_extra: &str, extra: &str) -> String {
+pub(crate) fn config(
+    kind: CrmKind,
+    crm: &str,
+    respond: &str,
+    crm_extra: &str,
+    extra: &str,
+) -> String {
     let user = match kind {
         CrmKind::ActiveCampaign => String::new(),
         _ => "user = \"sim@example.com\"\n".to_string(),
@@ -106,7 +112,7 @@ timeout = "2s"
 
 /// Start the gateway with short retries (200 ms, 400 ms, then dead after 2 s): shorter than
 /// the config file allows.
-async fn start(text: &str) -> TestGateway {
+pub(crate) async fn start(text: &str) -> TestGateway {
     TestGateway::start_with(text, |c| {
         c.queue.retry_schedule = vec![Duration::from_millis(200), Duration::from_millis(400)];
         c.queue.retry_until = Duration::from_secs(2);
@@ -114,7 +120,7 @@ async fn start(text: &str) -> TestGateway {
     .await
 }
 
-async fn webhook(gw: &TestGateway, query: &str) -> Reply {
+pub(crate) async fn webhook(gw: &TestGateway, query: &str) -> Reply {
     webhook_with(gw, query, None, "").await
 }
 
