@@ -14,6 +14,10 @@
 //!          finish ────┘                        └─ commit failed ─> errors, index rebuilt
 //! ```
 //!
+//! A batch of admissions reaches SQLite as one script in one call to sqlx's SQLite thread
+//! ([`script`](super::script)); checkpoints run beside the writer
+//! ([`checkpoint`](super::checkpoint)).
+//!
 //! If a batch fails (disk full, I/O error) it is rolled back, every command in it gets
 //! [`QueueError::Unavailable`], and the index is rebuilt from the file, so memory never
 //! claims what the disk does not hold.
