@@ -52,7 +52,9 @@ measure() {
   local dir="$TMP/$run-$round" port
   mkdir -p "$dir"
   port=$(free_port)
-  gateway_config "$dir/gateway.toml" "$port" "$dir/data" "$UP_PORT" direct
+  # paused: direct mode processes jobs now; a paused site queues them and runs none, so what
+  # is measured is admission alone (no worker leases or finishes in the same writer).
+  gateway_config "$dir/gateway.toml" "$port" "$dir/data" "$UP_PORT" direct "paused = true"
   start_gateway "$dir/gateway.toml" "$port" "$dir/gateway.log"
   local url="http://127.0.0.1:$port/"
   if [[ "$run" != rss && "$run" != rate && "$WARMUP" -gt 0 ]]; then

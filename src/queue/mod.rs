@@ -12,7 +12,9 @@ use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 
+mod checkpoint;
 pub mod index;
+mod script;
 mod sqlite;
 
 pub use sqlite::{ActivityFilter, ActivityRow, JobRow, Lease, SiteDepth, SqliteQueue};

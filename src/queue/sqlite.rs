@@ -14,6 +14,10 @@
 //!          finish ────┘                        └─ commit failed ─> errors, index rebuilt
 //! ```
 //!
+//! A batch of admissions reaches SQLite as one script in one call to sqlx's SQLite thread
+//! ([`script`](super::script)); checkpoints run beside the writer
+//! ([`checkpoint`](super::checkpoint)).
+//!
 //! If a batch fails (disk full, I/O error) it is rolled back, every command in it gets
 //! [`QueueError::Unavailable`], and the index is rebuilt from the file, so memory never
 //! claims what the disk does not hold.
@@ -32,7 +36,9 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqliteSynchronous};
 use sqlx::{Connection, Row, SqliteConnection};
 use tokio::sync::{mpsc, oneshot, Notify};
 
+use super::checkpoint::{CheckpointStats, Checkpointer, WAL_BACKSTOP_PAGES};
 use super::index::{Decision, Index, Requeue};
+use super::script::{Rows, Script};
 use super::{
     Action, Activity, Admission, ContactId, Delivery, Job, JobId, JobOutcome, QueueError,
     StoredRequest,
@@ -43,8 +49,6 @@ use crate::config::{Durability, QueueConfig};
 const CHANNEL_CAPACITY: usize = 65_536;
 /// Commands applied in one transaction at most.
 const MAX_BATCH: usize = 4096;
-/// Rows per multi-row INSERT (SQLite allows 32766 bound variables per statement).
-const INSERT_CHUNK: usize = 1000;
 /// Rows deleted per prune statement, so pruning never holds the writer for long.
 const PRUNE_CHUNK: i64 = 5000;
 /// How often finished jobs, old activity and expired locks are pruned.
@@ -254,6 +258,7 @@ pub struct SqliteQueue {
     locks: LockCache,
     notifiers: Mutex<HashMap<Arc<str>, Arc<Notify>>>,
     path: PathBuf,
+    checkpoints: Arc<CheckpointStats>,
     /// Held for the queue's lifetime: one gateway per data directory.
     _lock_file: File,
 }
@@ -290,7 +295,11 @@ impl SqliteQueue {
             },
         )
         .map_err(named)?;
-        let mut conn = SqliteConnection::connect_with(&options)
+        // The writer checkpoints itself only as a backstop; the checkpointer task does it.
+        let writer_options = options
+            .clone()
+            .pragma("wal_autocheckpoint", WAL_BACKSTOP_PAGES.to_string());
+        let mut conn = SqliteConnection::connect_with(&writer_options)
             .await
             .map_err(named)?;
         prepare_schema(&mut conn, "queue", SCHEMA, SCHEMA_VERSION)
@@ -318,8 +327,11 @@ impl SqliteQueue {
             .max_connections(2)
             .connect_lazy_with(options.clone().read_only(true).create_if_missing(false));
         let (commands, inbox) = mpsc::channel(CHANNEL_CAPACITY);
+        let checkpointer = Checkpointer::start(&options).await.map_err(named)?;
+        let checkpoints = checkpointer.stats.clone();
         let mut writer = Writer {
             conn,
+            checkpointer: Some(checkpointer),
             state: State {
                 index: Index::default(),
                 next_id: 1,
@@ -337,6 +349,7 @@ impl SqliteQueue {
             locks,
             notifiers: Mutex::new(HashMap::new()),
             path,
+            checkpoints,
             _lock_file: lock_file,
         });
         let weak = Arc::downgrade(&queue);
@@ -599,6 +612,18 @@ impl SqliteQueue {
         QueueError::Unavailable(format!("{}: {e}", self.path.display()))
     }
 
+    /// Background checkpoints so far: (runs, frames in the log at the last one, frames of
+    /// them in the main file).
+    fn checkpoints(&self) -> (u64, i64, i64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let c = &self.checkpoints;
+        (
+            c.runs.load(Relaxed),
+            c.log_frames.load(Relaxed),
+            c.checkpointed_frames.load(Relaxed),
+        )
+    }
+
     /// Is `contact` of `site` locked now? How long the lock still holds, if so.
     pub fn locked_for(&self, site: &Arc<str>, contact: &ContactId) -> Option<Duration> {
         let until_ms = self
@@ -642,6 +667,13 @@ impl SqliteQueue {
         let (tx, rx) = oneshot::channel();
         if self.commands.send(Command::Close(tx)).await.is_ok() {
             let _ = rx.await;
+            let (runs, log, checkpointed) = self.checkpoints();
+            tracing::debug!(
+                runs,
+                log,
+                checkpointed,
+                "queue closed; background checkpoints"
+            );
         }
     }
 }
@@ -758,11 +790,15 @@ struct Batch {
     waiters: Vec<(JobId, oneshot::Sender<JobOutcome>)>,
     outcomes: Vec<(JobId, Option<JobId>, Option<JobOutcome>)>,
     close: Option<oneshot::Sender<()>>,
+    /// `BEGIN` was sent: the transaction is open (or failed to open).
+    open: bool,
 }
 
 /// The writer task: the connection, plus the state the batch's commands change.
 struct Writer {
     conn: SqliteConnection,
+    /// Checkpoints the log beside the writer; `None` once stopped (on close).
+    checkpointer: Option<Checkpointer>,
     state: State,
     /// Sync-mode answers waiting for a job's final outcome.
     waiters: HashMap<JobId, Vec<oneshot::Sender<JobOutcome>>>,
@@ -790,6 +826,9 @@ impl Writer {
                 while let Ok(c) = inbox.try_recv() {
                     reject(c);
                 }
+                if let Some(checkpointer) = self.checkpointer.take() {
+                    checkpointer.stop().await;
+                }
                 if let Err(e) = checkpoint(&mut self.conn).await {
                     tracing::warn!(file = %self.path.display(), error = %e, "checkpoint on close failed");
                 }
@@ -810,6 +849,11 @@ impl Writer {
         let close = batch.close.take();
         match result {
             Ok(()) => {
+                if batch.open {
+                    if let Some(checkpointer) = &self.checkpointer {
+                        checkpointer.committed();
+                    }
+                }
                 for reply in batch.replies {
                     reply(Ok(()));
                 }
@@ -949,19 +993,34 @@ async fn collect(
     }
 }
 
-/// One transaction: every command of the batch, then the staged writes, then commit.
+/// One transaction: every command of the batch, then the staged writes and the commit. The
+/// transaction is opened by the first script sent ([`Batch::flush`] or [`Batch::commit`]); a
+/// batch of admissions alone is one call to SQLite's thread. On an error the transaction is
+/// rolled back here (sqlx's `Transaction` is not used: it costs a round trip of its own for
+/// `BEGIN` and for `COMMIT`).
 async fn apply_batch(
     conn: &mut SqliteConnection,
     state: &mut State,
     commands: Vec<Command>,
     batch: &mut Batch,
 ) -> Result<(), sqlx::Error> {
-    let mut tx = conn.begin().await?;
+    let mut result = Ok(());
     for command in commands {
-        state.apply(command, batch, &mut tx).await?;
+        result = state.apply(command, batch, conn).await;
+        if result.is_err() {
+            break;
+        }
     }
-    batch.flush(&mut tx).await?;
-    tx.commit().await
+    if result.is_ok() {
+        result = batch.commit(conn).await;
+    }
+    if result.is_err() && batch.open {
+        // Fails with "no transaction is active" when SQLite rolled back already.
+        if let Err(e) = sqlx::query("ROLLBACK").execute(&mut *conn).await {
+            tracing::debug!(error = %e, "rollback after a failed batch");
+        }
+    }
+    result
 }
 
 /// Job `older` is superseded by the contact's newer pending job `into`, which takes its
@@ -1077,6 +1136,7 @@ impl State {
                 until_ms,
                 reply,
             } => {
+                batch.flush(tx).await?;
                 let detail = if until_ms > now {
                     sqlx::query(
                         "INSERT INTO locks (site, contact, until_ms) VALUES (?, ?, ?) \
@@ -1132,7 +1192,10 @@ impl State {
                 batch.reply(reply, depth);
             }
             Command::Record(activity) => batch.activity.push(*activity),
-            Command::Prune => self.prune(tx, now).await?,
+            Command::Prune => {
+                batch.flush(tx).await?;
+                self.prune(tx, now).await?;
+            }
             Command::Close(done) => batch.close = Some(done),
         }
         Ok(())
@@ -1566,106 +1629,94 @@ impl Batch {
         }
     }
 
-    /// Write the staged inserts, merges and activity lines.
-    async fn flush(&mut self, tx: &mut SqliteConnection) -> Result<(), sqlx::Error> {
-        for chunk in self.inserts.chunks(INSERT_CHUNK) {
-            let sql = multi_row_insert(
-                "INSERT INTO jobs (id, site, contact, action, role, send_notification, \
-                 payload_tags, method, target, content_type, body, client_ip, host, fingerprint, \
-                 deliveries, received_at, updated_at, next_run_at, state) VALUES ",
-                19,
-                chunk.len(),
-            );
-            let mut q = sqlx::query(&sql);
-            for j in chunk {
-                let d = &j.delivery;
-                q = q
-                    .bind(j.id.0)
-                    .bind(d.site.to_string())
-                    .bind(d.contact.as_str().to_owned())
-                    .bind(d.action.as_str())
-                    .bind(d.role.clone())
-                    .bind(d.send_notification)
-                    .bind(tags_json(&d.payload_tags))
-                    .bind(d.request.method.clone())
-                    .bind(d.request.path_and_query.clone())
-                    .bind(d.request.content_type.clone())
-                    .bind(d.request.body.to_vec())
-                    .bind(d.request.client_ip.to_string())
-                    .bind(d.request.host.clone())
-                    .bind(j.fingerprint as i64)
-                    .bind(1_i64)
-                    .bind(to_ms(d.received_at))
-                    .bind(j.at_ms)
-                    .bind(j.at_ms)
-                    .bind("pending");
-            }
-            q.execute(&mut *tx).await?;
+    /// Send the staged writes, opening the batch's transaction first if it is not: before a
+    /// command that reads or writes the file itself (lease, finish, lock …), so it sees them.
+    async fn flush(&mut self, conn: &mut SqliteConnection) -> Result<(), sqlx::Error> {
+        let mut script = Script::default();
+        self.open_transaction(&mut script);
+        self.stage_writes(&mut script)?;
+        script.run(conn).await
+    }
+
+    /// The batch's last call: the staged writes and `COMMIT`, in one script (with `BEGIN` in
+    /// front when nothing opened the transaction yet). A batch that wrote nothing (only
+    /// `depth` questions) sends nothing.
+    async fn commit(&mut self, conn: &mut SqliteConnection) -> Result<(), sqlx::Error> {
+        let mut script = Script::default();
+        if !self.open && !self.has_writes() {
+            return Ok(());
         }
-        self.inserts.clear();
-        for (job, m) in self.merges.drain() {
-            let d = &m.delivery;
-            sqlx::query(
-                "UPDATE jobs SET action = ?, role = COALESCE(?, role), \
-                 send_notification = COALESCE(?, send_notification), payload_tags = ?, \
-                 method = ?, target = ?, content_type = ?, body = ?, client_ip = ?, host = ?, \
-                 fingerprint = ?, deliveries = deliveries + ?, updated_at = ? WHERE id = ?",
-            )
-            .bind(m.action.as_str())
-            .bind(d.role.clone())
-            .bind(d.send_notification)
-            .bind(tags_json(&d.payload_tags))
-            .bind(d.request.method.clone())
-            .bind(d.request.path_and_query.clone())
-            .bind(d.request.content_type.clone())
-            .bind(d.request.body.to_vec())
-            .bind(d.request.client_ip.to_string())
-            .bind(d.request.host.clone())
-            .bind(m.fingerprint as i64)
-            .bind(m.deliveries)
-            .bind(m.at_ms)
-            .bind(job.0)
-            .execute(&mut *tx)
-            .await?;
+        self.open_transaction(&mut script);
+        self.stage_writes(&mut script)?;
+        script.push("COMMIT");
+        script.run(conn).await
+    }
+
+    fn open_transaction(&mut self, script: &mut Script) {
+        if !self.open {
+            // IMMEDIATE: the write lock is taken now, not at the first write (one writer
+            // anyway; it makes a locked file an error of BEGIN, not of a later statement).
+            script.push("BEGIN IMMEDIATE");
+            self.open = true;
         }
-        for chunk in self.activity.chunks(INSERT_CHUNK) {
-            let sql = multi_row_insert(
-                "INSERT INTO activity (at_ms, site, contact, action, outcome, job, duration_ms, \
-                 detail) VALUES ",
-                8,
-                chunk.len(),
-            );
-            let mut q = sqlx::query(&sql);
-            for a in chunk {
-                q = q
-                    .bind(to_ms(a.at))
-                    .bind(a.site.to_string())
-                    .bind(a.contact.clone())
-                    .bind(a.action.clone())
-                    .bind(a.outcome)
-                    .bind(a.job.map(|j| j.0))
-                    .bind(a.duration.map(duration_ms))
-                    .bind(a.detail.clone());
-            }
-            q.execute(&mut *tx).await?;
-        }
-        self.activity.clear();
-        Ok(())
+    }
+
+    fn has_writes(&self) -> bool {
+        !self.inserts.is_empty() || !self.merges.is_empty() || !self.activity.is_empty()
+    }
+
+    /// The staged inserts, merges and activity lines as statements of `script`; their values
+    /// move into it.
+    fn stage_writes(&mut self, script: &mut Script) -> Result<(), sqlx::Error> {
+        script.rows(Rows::Jobs, std::mem::take(&mut self.inserts), |s, j| {
+            let mut d = *j.delivery;
+            s.bind(j.id.0)?;
+            s.bind(d.site.to_string())?;
+            s.bind(d.contact.as_str().to_owned())?;
+            s.bind(d.action.as_str())?;
+            bind_delivered(s, &mut d)?;
+            s.bind(j.fingerprint as i64)?;
+            s.bind(to_ms(d.received_at))?;
+            s.bind(j.at_ms)
+        })?;
+        let merges: Vec<(JobId, Merge)> = self.merges.drain().collect();
+        script.rows(Rows::Merges, merges, |s, (job, mut m)| {
+            s.bind(job.0)?;
+            s.bind(m.action.as_str())?;
+            bind_delivered(s, &mut m.delivery)?;
+            s.bind(m.fingerprint as i64)?;
+            s.bind(m.deliveries)?;
+            s.bind(m.at_ms)
+        })?;
+        script.rows(
+            Rows::Activity,
+            std::mem::take(&mut self.activity),
+            |s, a| {
+                s.bind(to_ms(a.at))?;
+                s.bind(a.site.to_string())?;
+                s.bind(a.contact)?;
+                s.bind(a.action)?;
+                s.bind(a.outcome)?;
+                s.bind(a.job.map(|j| j.0))?;
+                s.bind(a.duration.map(duration_ms))?;
+                s.bind(a.detail)
+            },
+        )
     }
 }
 
-/// `head` followed by `rows` groups of `columns` placeholders: `(?, ?), (?, ?)`.
-fn multi_row_insert(head: &str, columns: usize, rows: usize) -> String {
-    let group = format!("({})", vec!["?"; columns].join(", "));
-    let mut sql = String::with_capacity(head.len() + rows * (group.len() + 2));
-    sql.push_str(head);
-    for i in 0..rows {
-        if i > 0 {
-            sql.push_str(", ");
-        }
-        sql.push_str(&group);
-    }
-    sql
+/// What a new job and a merge both write of the delivery, `role` to `host` in this order
+/// (taken out of it).
+fn bind_delivered(s: &mut Script, d: &mut Delivery) -> Result<(), sqlx::Error> {
+    s.bind(d.role.take())?;
+    s.bind(d.send_notification)?;
+    s.bind(tags_json(&d.payload_tags))?;
+    s.bind(std::mem::take(&mut d.request.method))?;
+    s.bind(std::mem::take(&mut d.request.path_and_query))?;
+    s.bind(d.request.content_type.take())?;
+    s.bind(Vec::from(std::mem::take(&mut d.request.body)))?;
+    s.bind(d.request.client_ip.to_string())?;
+    s.bind(d.request.host.take())
 }
 
 fn tags_json(tags: &Option<Vec<String>>) -> Option<String> {
@@ -1709,6 +1760,24 @@ mod tests {
         }
     }
 
+    /// The last ten activity lines, newest first.
+    async fn recent_activity(q: &SqliteQueue) -> impl Iterator<Item = ActivityRow> {
+        let filter = ActivityFilter {
+            limit: 10,
+            ..Default::default()
+        };
+        q.activity(&filter).await.unwrap().into_iter()
+    }
+
+    /// A queue in a new directory with room for thousands of jobs.
+    async fn open_roomy() -> (tempfile::TempDir, QueueConfig, Arc<SqliteQueue>) {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = config();
+        cfg.queue_max = 10_000;
+        let q = SqliteQueue::open(dir.path(), &cfg).await.unwrap();
+        (dir, cfg, q)
+    }
+
     async fn lease(q: &SqliteQueue) -> Option<Job> {
         match q.lease(&Arc::from("main")).await.unwrap() {
             Lease::Job(job) => Some(*job),
@@ -1750,16 +1819,7 @@ mod tests {
         q.done(&again, Duration::ZERO, "ok".into(), None)
             .await
             .unwrap();
-        let outcomes: Vec<String> = q
-            .activity(&ActivityFilter {
-                limit: 10,
-                ..Default::default()
-            })
-            .await
-            .unwrap()
-            .into_iter()
-            .map(|a| a.outcome)
-            .collect();
+        let outcomes: Vec<String> = recent_activity(&q).await.map(|a| a.outcome).collect();
         assert_eq!(outcomes, ["done", "replay", "dead", "queued"]);
         q.close().await;
     }
@@ -1792,6 +1852,143 @@ mod tests {
             (next.id, next.delivery.action, next.deliveries),
             (second.job(), Action::Add, 2)
         );
+        q.close().await;
+    }
+
+    /// Batches whose sizes fall on and around the chunk sizes of the multi-row statements
+    /// (padded chunks, several chunks): every row is written, merged and counted once.
+    #[tokio::test]
+    async fn batches_of_any_size_write_every_row() {
+        let (dir, cfg, q) = open_roomy().await;
+        let w = Duration::from_secs(60);
+        let mut next = 0;
+        for size in [1, 2, 5, 64, 65, 257, 600] {
+            let contacts: Vec<String> = (next..next + size).map(|c| c.to_string()).collect();
+            next += size;
+            // The admissions of a round are all in the channel before the writer runs (one
+            // thread): new jobs in one batch, merges into them in the next, then repeats.
+            for (round, body) in ["first", "second", "second"].into_iter().enumerate() {
+                let admits = contacts
+                    .iter()
+                    .map(|c| q.admit(delivery(c, Action::UpdateTags, body), w, false));
+                for result in futures_util::future::join_all(admits).await {
+                    let (admission, _) = result.unwrap();
+                    match round {
+                        0 => assert!(matches!(admission, Admission::Queued { .. })),
+                        1 => assert!(matches!(admission, Admission::Coalesced { .. })),
+                        _ => assert!(matches!(admission, Admission::Duplicate { .. })),
+                    }
+                }
+            }
+        }
+        let rows = q.jobs(Some("pending"), 1000).await.unwrap();
+        assert_eq!(rows.len(), next);
+        assert!(rows
+            .iter()
+            .all(|r| r.deliveries == 2 && r.action == "update_tags"));
+        let lines: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM activity")
+            .fetch_one(&q.reader)
+            .await
+            .unwrap();
+        assert_eq!(
+            lines,
+            3 * next as i64,
+            "queued, coalesced, duplicate per contact"
+        );
+        let job = lease(&q).await.unwrap();
+        assert_eq!(
+            (&job.delivery.request.body[..], job.deliveries),
+            (&b"second"[..], 2)
+        );
+        q.close().await;
+        drop(q);
+        let q = SqliteQueue::open(dir.path(), &cfg).await.unwrap();
+        assert_eq!(q.depth().await.unwrap()[0].pending, next as u64);
+        q.close().await;
+    }
+
+    /// A batch that fails half way (here: a job id taken behind the queue's back) is rolled
+    /// back whole, its callers get `Unavailable`, and the next batch opens a transaction of
+    /// its own and commits.
+    #[tokio::test]
+    async fn a_failed_batch_is_rolled_back_and_the_next_one_commits() {
+        let dir = tempfile::tempdir().unwrap();
+        let q = SqliteQueue::open(dir.path(), &config()).await.unwrap();
+        let w = Duration::from_secs(60);
+        let (first, _) = q
+            .admit(delivery("1", Action::Update, "x"), w, false)
+            .await
+            .unwrap();
+        assert_eq!(first.job(), JobId(1));
+        let options = sqlite_options(q.path(), SqliteSynchronous::Normal).unwrap();
+        let mut other = SqliteConnection::connect_with(&options).await.unwrap();
+        sqlx::query(
+            "INSERT INTO jobs (id, site, contact, action, method, target, body, client_ip, \
+             fingerprint, deliveries, received_at, updated_at, next_run_at, state) \
+             VALUES (2, 'main', 'x', 'update', 'POST', '/', x'', '127.0.0.1', 0, 1, 0, 0, 0, 'done')",
+        )
+        .execute(&mut other)
+        .await
+        .unwrap();
+        other.close().await.unwrap();
+        let failed = q.admit(delivery("2", Action::Update, "x"), w, false).await;
+        assert!(
+            matches!(failed, Err(QueueError::Unavailable(_))),
+            "{failed:?}"
+        );
+        let (again, _) = q
+            .admit(delivery("2", Action::Update, "x"), w, false)
+            .await
+            .unwrap();
+        assert_eq!(again, Admission::Queued { job: JobId(3) });
+        let queued: Vec<Option<i64>> = recent_activity(&q).await.map(|a| a.job).collect();
+        assert_eq!(
+            queued,
+            [Some(3), Some(1)],
+            "nothing of the failed batch stayed"
+        );
+        q.close().await;
+    }
+
+    /// The checkpointer copies the log into the main file shortly after commits, and the
+    /// writer then starts the log again from its beginning (it does not grow).
+    #[tokio::test]
+    async fn the_log_is_checkpointed_beside_the_writer() {
+        let (_dir, _, q) = open_roomy().await;
+        let w = Duration::from_secs(60);
+        // Once the writer is idle: the checkpoints stop, the last one having copied it all.
+        let settled = || {
+            let q = &q;
+            async move {
+                for _ in 0..20 {
+                    let before = q.checkpoints();
+                    tokio::time::sleep(crate::queue::checkpoint::CHECKPOINT_AFTER * 3).await;
+                    let after = q.checkpoints();
+                    if before == after && after.0 > 0 {
+                        return after;
+                    }
+                }
+                panic!("checkpoints did not settle");
+            }
+        };
+        assert_eq!(q.checkpoints().0, 0, "nothing committed, nothing to do");
+        for c in 0..200 {
+            q.admit(delivery(&c.to_string(), Action::Update, "x"), w, false)
+                .await
+                .unwrap();
+        }
+        let (_, log, done) = settled().await;
+        assert!(log > 200, "one commit per admission: {log} frames");
+        assert_eq!(done, log, "idle writer: checkpointed to the end");
+        q.admit(delivery("new", Action::Update, "x"), w, false)
+            .await
+            .unwrap();
+        let (_, log_after, done_after) = settled().await;
+        assert!(
+            log_after < 20,
+            "the log started again from its beginning: {log_after} frames"
+        );
+        assert_eq!(done_after, log_after);
         q.close().await;
     }
 

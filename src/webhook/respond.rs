@@ -116,6 +116,46 @@ impl Answer {
         }
     }
 
+    /// [`to_json`](Self::to_json) as text. The answers of every admitted webhook are written
+    /// straight from their fields (one allocation; the `Value` map took a dozen per answer),
+    /// byte for byte as the map writes them: keys in its (sorted) order.
+    fn json_text(&self) -> String {
+        #[derive(serde::Serialize)]
+        struct Admitted<'a> {
+            #[serde(skip_serializing_if = "Option::is_none")]
+            action: Option<&'static str>,
+            contact_id: &'a str,
+            job: i64,
+            ok: bool,
+            status: &'static str,
+        }
+        let admitted = match self {
+            Answer::Queued {
+                job,
+                action,
+                contact,
+            }
+            | Answer::Coalesced {
+                job,
+                action,
+                contact,
+            } => Some((job, Some(action.as_str()), contact)),
+            Answer::Duplicate { job, contact } => Some((job, None, contact)),
+            _ => None,
+        };
+        let text = admitted.and_then(|(job, action, contact)| {
+            serde_json::to_string(&Admitted {
+                action,
+                contact_id: contact.as_str(),
+                job: job.0,
+                ok: true,
+                status: self.outcome(),
+            })
+            .ok()
+        });
+        text.unwrap_or_else(|| self.to_json().to_string())
+    }
+
     /// The JSON body.
     pub fn to_json(&self) -> Value {
         let mut m = Map::new();
@@ -231,7 +271,7 @@ impl Answer {
         let (body, content_type) = if html {
             (self.to_html(), "text/html; charset=utf-8")
         } else {
-            let mut text = self.to_json().to_string();
+            let mut text = self.json_text();
             text.push('\n');
             (text, "application/json")
         };
@@ -329,6 +369,31 @@ mod tests {
 
     fn contact(id: &str) -> ContactId {
         ContactId::parse(id).unwrap()
+    }
+
+    #[test]
+    fn admitted_answers_are_written_as_their_json_value() {
+        for id in ["42", "a\"b\\c</script>", "é 7"] {
+            let answers = [
+                Answer::Queued {
+                    job: JobId(7),
+                    action: Action::Update,
+                    contact: contact(id),
+                },
+                Answer::Coalesced {
+                    job: JobId(i64::MAX),
+                    action: Action::UpdateTags,
+                    contact: contact(id),
+                },
+                Answer::Duplicate {
+                    job: JobId(1),
+                    contact: contact(id),
+                },
+            ];
+            for answer in answers {
+                assert_eq!(answer.json_text(), answer.to_json().to_string());
+            }
+        }
     }
 
     #[test]
