@@ -2636,12 +2636,12 @@ upstream = "http://127.0.0.1:8081"
 access_key = "key-12345678"
 "#;
 
-    fn parse_text(text: &str) -> Result<Config, ConfigError> {
+    pub(super) fn parse_text(text: &str) -> Result<Config, ConfigError> {
         parse(text, Path::new("/etc/wpf/gw.toml"))
     }
 
     /// `LINE: key: message` of every problem.
-    fn problems(text: &str) -> Vec<String> {
+    pub(super) fn problems(text: &str) -> Vec<String> {
         match parse_text(text) {
             Ok(_) => Vec::new(),
             Err(e) => e
@@ -3458,19 +3458,10 @@ url = "http://127.0.0.1:7001"
 api_key = "k"
 "#;
 
-    fn parse_text(text: &str) -> Result<Config, ConfigError> {
-        parse(text, Path::new("/etc/wpf/gw.toml"))
-    }
+    use super::tests::parse_text;
 
     fn problems(extra: &str) -> Vec<String> {
-        match parse_text(&format!("{SITE}{extra}")) {
-            Ok(_) => Vec::new(),
-            Err(e) => e
-                .problems
-                .iter()
-                .map(|p| format!("{}: {}: {}", p.line, p.key, p.message))
-                .collect(),
-        }
+        super::tests::problems(&format!("{SITE}{extra}"))
     }
 
     #[test]
