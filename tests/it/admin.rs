@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::{
@@ -20,7 +20,7 @@ use http_body_util::Full;
 use serde_json::{json, Value};
 use tokio::sync::Notify;
 
-use crate::support::{send, Reply, TestGateway, TestUpstream};
+use crate::support::{eventually, send, Reply, TestGateway, TestUpstream};
 
 /// The site's access key.
 const KEY: &str = "admin-test-Key-5151";
@@ -139,22 +139,6 @@ fn hook(gw: &TestGateway, action: &str, contact: &str) -> String {
 
 async fn webhook(gw: &TestGateway, action: &str, contact: &str) -> Reply {
     send(request(Method::POST, &hook(gw, action, contact), &[], "")).await
-}
-
-/// Poll `probe` every 20 ms until it returns `Some`, at most [`WAIT`].
-async fn eventually<T, F, Fut>(what: &str, mut probe: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
-{
-    let deadline = Instant::now() + WAIT;
-    loop {
-        if let Some(v) = probe().await {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 /// Activity lines from the API (newest first).

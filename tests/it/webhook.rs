@@ -19,7 +19,7 @@ use sqlx::sqlite::SqliteConnectOptions;
 use sqlx::{Connection, SqliteConnection};
 use tokio::sync::mpsc;
 
-use crate::support::{raw_exchange, send, Reply, TestGateway, TestUpstream};
+use crate::support::{eventually, raw_exchange, send, Reply, TestGateway, TestUpstream};
 
 /// The site's access key.
 const KEY: &str = "s3cret-Key-4242";
@@ -263,22 +263,6 @@ async fn next_seen(rx: &mut mpsc::UnboundedReceiver<Seen>) -> Seen {
         .await
         .expect("upstream saw a request in time")
         .expect("upstream running")
-}
-
-/// Poll `check` until it returns `Some`, for at most [`WAIT`].
-async fn eventually<T, F, Fut>(what: &str, mut check: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
-{
-    let deadline = Instant::now() + WAIT;
-    loop {
-        if let Some(value) = check().await {
-            return value;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 fn queued(job: i64, action: &str, contact: &str) -> Value {
