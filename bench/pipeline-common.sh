@@ -112,7 +112,8 @@ mode = "$mode"
 $extra
 EOF
   if [[ "$mode" == direct ]]; then
-    # Direct mode needs a CRM table; it has no processor yet, so nothing calls it.
+    # Direct mode needs a CRM table; these benchmarks never reach it (admission.sh pauses
+    # the site; wordpress.sh sends update_tags with the tags in the payload).
     cat >>"$file" <<EOF
 
 [site.crm]

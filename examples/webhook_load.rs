@@ -441,13 +441,23 @@ async fn connection(shared: Arc<Shared>, phase: Arc<Phase>) -> Tally {
             s.ready().await?;
             let resp = s.send_request(req).await?;
             let status = resp.status();
+            // A server that ends keep-alive (`php -S` answers `Connection: close`): the next
+            // request goes on a new connection.
+            let closing = resp
+                .headers()
+                .get(http::header::CONNECTION)
+                .and_then(|v| v.to_str().ok())
+                .is_some_and(|v| v.to_ascii_lowercase().contains("close"));
             resp.into_body().collect().await?;
-            Ok::<StatusCode, hyper::Error>(status)
+            Ok::<(StatusCode, bool), hyper::Error>((status, closing))
         };
         let result = tokio::time::timeout(shared.args.timeout, exchange).await;
         let done = Instant::now();
         match result {
-            Ok(Ok(status)) => {
+            Ok(Ok((status, closing))) => {
+                if closing {
+                    sender = None;
+                }
                 if phase.measured {
                     let us = done.duration_since(start).as_micros();
                     tally

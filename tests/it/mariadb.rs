@@ -20,6 +20,8 @@ use sqlx::Connection;
 pub struct MariaDb {
     pub port: u16,
     pub dir: PathBuf,
+    /// The CA (PEM file) that signed the server's TLS certificate (for `127.0.0.1`).
+    pub ca: PathBuf,
     /// Closing it (process exit) stops the server.
     _keepalive: std::process::ChildStdin,
 }
@@ -121,13 +123,15 @@ fn start() -> Result<MariaDb, String> {
             String::from_utf8_lossy(&out.stderr)
         ));
     }
+    let ca = write_certificates(&dir)?;
     let port = free_port();
     let socket = dir.join("mysqld.sock");
     let server_cmd = format!(
         "{bin} --no-defaults --datadir={data} --socket={socket} --port={port} \
          --bind-address=127.0.0.1 --user={user} --skip-grant-tables --skip-log-bin \
          --pid-file={dir}/mysqld.pid --log-error={dir}/error.log \
-         --innodb-buffer-pool-size=64M --innodb-flush-log-at-trx-commit=2 --max-connections=200",
+         --innodb-buffer-pool-size=64M --innodb-flush-log-at-trx-commit=2 --max-connections=200 \
+         --ssl-ca={dir}/ca.pem --ssl-cert={dir}/server.pem --ssl-key={dir}/server.key",
         bin = mariadbd.display(),
         data = data.display(),
         socket = socket.display(),
@@ -162,8 +166,36 @@ fn start() -> Result<MariaDb, String> {
     Ok(MariaDb {
         port,
         dir,
+        ca,
         _keepalive: stdin,
     })
+}
+
+/// A test CA and a server certificate for `127.0.0.1` signed by it, written to `dir` as
+/// `ca.pem`, `server.pem` and `server.key` (made with rcgen, like the gateway's TLS tests):
+/// TLS to the database is optional (`?ssl-mode=…`), so the server offers it. The CA's path.
+pub fn write_certificates(dir: &std::path::Path) -> Result<PathBuf, String> {
+    let err = |e: rcgen::Error| format!("test certificate: {e}");
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).map_err(err)?;
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "wpf-gateway MariaDB test CA");
+    let ca_key = rcgen::KeyPair::generate().map_err(err)?;
+    let ca = params.self_signed(&ca_key).map_err(err)?;
+    let issuer = rcgen::Issuer::new(params, ca_key);
+    let key = rcgen::KeyPair::generate().map_err(err)?;
+    let leaf = rcgen::CertificateParams::new(vec!["127.0.0.1".to_owned()])
+        .map_err(err)?
+        .signed_by(&key, &issuer)
+        .map_err(err)?;
+    let write = |name: &str, text: String| {
+        std::fs::write(dir.join(name), text).map_err(|e| format!("{name}: {e}"))
+    };
+    write("ca.pem", ca.pem())?;
+    write("server.pem", leaf.pem())?;
+    write("server.key", key.serialize_pem())?;
+    Ok(dir.join("ca.pem"))
 }
 
 fn free_port() -> u16 {

@@ -347,6 +347,44 @@ async fn concurrent_gateways_make_exactly_one_user() {
     }
 }
 
+/// TLS to the database, optional through the URL (`?ssl-mode=…`, sqlx with rustls): verified
+/// against the server's CA, the session is encrypted and the store works; against another CA
+/// the store refuses the server and writes nothing.
+#[tokio::test]
+async fn tls_to_the_database_is_verified() {
+    let server = mariadb!();
+    let url = server.wordpress_tables("wp_").await;
+    let verified = format!(
+        "{url}?ssl-mode=verify_identity&ssl-ca={}",
+        server.ca.display()
+    );
+    let (_, cipher): (String, String) = sqlx::query_as("SHOW SESSION STATUS LIKE 'Ssl_cipher'")
+        .fetch_one(&mut db(&verified).await)
+        .await
+        .unwrap();
+    assert!(!cipher.is_empty(), "the session is not encrypted");
+    let s = store(&verified);
+    assert!(
+        s.apply(SITE, add("71", "tls@x.org", "tls"))
+            .await
+            .unwrap()
+            .created
+    );
+    s.close().await;
+    assert_eq!(count_users(&url).await, 1);
+
+    let other = tempfile::tempdir().unwrap();
+    let other_ca = crate::mariadb::write_certificates(other.path()).unwrap();
+    let s = store(&format!(
+        "{url}?ssl-mode=verify_ca&ssl-ca={}",
+        other_ca.display()
+    ));
+    let refused = s.apply(SITE, add("72", "tls2@x.org", "tls2")).await;
+    assert!(refused.is_err(), "{refused:?}");
+    s.close().await;
+    assert_eq!(count_users(&url).await, 1);
+}
+
 /// Direct mode end to end: webhooks from the CRM simulator, users in MariaDB, and
 /// `wpf-gateway user` reading them through the same store.
 #[tokio::test]
