@@ -26,7 +26,16 @@ SLUG=activecampaign
 TMP=$(mktemp -d "${TMPDIR:-/tmp}/wpf-wordpress-bench.XXXXXX")
 # shellcheck source=bench/pipeline-common.sh
 source bench/pipeline-common.sh
-trap cleanup EXIT
+# php -S's workers outlive their parent's TERM: stop them with it.
+PHP_PID=
+stop_php() {
+  if [[ -n "$PHP_PID" ]]; then
+    pkill -TERM -P "$PHP_PID" 2>/dev/null || true
+    stop_pid "$PHP_PID"
+    PHP_PID=
+  fi
+}
+trap 'stop_php; cleanup' EXIT
 trap 'exit 130' INT TERM
 
 [[ "$ROUNDS" =~ ^[1-9][0-9]*$ ]] || die "ROUNDS must be a positive whole number"
@@ -240,7 +249,7 @@ EOF
   else
     jobs=$php_requests
   fi
-  [[ -n "$PHP_PID" ]] && stop_pid "$PHP_PID"
+  stop_php
   sql -e "DROP DATABASE $db"
 
   echo "RESULT target=$target round=$round" \
