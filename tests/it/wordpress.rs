@@ -347,6 +347,30 @@ async fn concurrent_gateways_make_exactly_one_user() {
     }
 }
 
+/// A contact id meta row left behind by a deleted user (no row in `wp_users`) is not a match:
+/// the lookup takes the lowest id that is still a user, and with none the contact has no user.
+#[tokio::test]
+async fn contact_meta_of_a_deleted_user_does_not_count() {
+    let server = mariadb!();
+    let url = server.wordpress_tables("wp_").await;
+    let orphan = "INSERT INTO wp_usermeta (user_id, meta_key, meta_value) \
+                  VALUES (9999, 'activecampaign_contact_id', ?)";
+    for contact in ["81", "82"] {
+        sqlx::query(orphan)
+            .bind(contact)
+            .execute(&mut db(&url).await)
+            .await
+            .unwrap();
+    }
+    let s = store(&url);
+    let made = s.apply(SITE, add("81", "live@x.org", "live")).await.unwrap();
+    assert!(made.created);
+    let found = s.by_contact(SITE, "81").await.unwrap().unwrap();
+    assert_eq!(found.id, made.user.id);
+    assert!(s.by_contact(SITE, "82").await.unwrap().is_none());
+    s.close().await;
+}
+
 /// TLS to the database, optional through the URL (`?ssl-mode=…`, sqlx with rustls): verified
 /// against the server's CA, the session is encrypted and the store works; against another CA
 /// the store refuses the server and writes nothing.
