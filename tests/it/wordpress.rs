@@ -349,8 +349,9 @@ async fn concurrent_gateways_make_exactly_one_user() {
 
 /// A contact id meta row left behind by a deleted user (no row in `wp_users`) is not a match:
 /// the lookup takes the lowest id that is still a user, and with none the contact has no user.
+/// What the store remembers of contacts is checked against the database on every lookup.
 #[tokio::test]
-async fn contact_meta_of_a_deleted_user_does_not_count() {
+async fn contact_lookup_skips_deleted_users_and_checks_what_it_remembers() {
     let server = mariadb!();
     let url = server.wordpress_tables("wp_").await;
     let orphan = "INSERT INTO wp_usermeta (user_id, meta_key, meta_value) \
@@ -363,11 +364,28 @@ async fn contact_meta_of_a_deleted_user_does_not_count() {
             .unwrap();
     }
     let s = store(&url);
-    let made = s.apply(SITE, add("81", "live@x.org", "live")).await.unwrap();
+    let made = s
+        .apply(SITE, add("81", "live@x.org", "live"))
+        .await
+        .unwrap();
     assert!(made.created);
     let found = s.by_contact(SITE, "81").await.unwrap().unwrap();
     assert_eq!(found.id, made.user.id);
     assert!(s.by_contact(SITE, "82").await.unwrap().is_none());
+
+    // The store remembers contact 81's user; another writer (WP Fusion on the site) moves
+    // the link to contact 83: the remembered answer is checked, not trusted.
+    sqlx::query(
+        "UPDATE wp_usermeta SET meta_value = '83' \
+         WHERE user_id = ? AND meta_key = 'activecampaign_contact_id'",
+    )
+    .bind(made.user.id)
+    .execute(&mut db(&url).await)
+    .await
+    .unwrap();
+    assert!(s.by_contact(SITE, "81").await.unwrap().is_none());
+    let moved = s.by_contact(SITE, "83").await.unwrap().unwrap();
+    assert_eq!(moved.id, made.user.id);
     s.close().await;
 }
 
