@@ -299,7 +299,9 @@ impl UpstreamPool {
         loop {
             let (mut sender, reused) = match pool.checkout(&key) {
                 Some(sender) => (sender, true),
-                None => (pool.connect(&key).await?, false),
+                // Boxed: connecting (TLS state included) is by far the largest part of this
+                // future, and rare; unboxed, every request would move it around.
+                None => (Box::pin(pool.connect(&key)).await?, false),
             };
             if let Err(e) = sender.ready().await {
                 if reused {
@@ -746,17 +748,15 @@ pub struct RequestLog {
     method: Method,
     uri: Uri,
     client: Option<IpAddr>,
-    /// The site the request was routed to.
-    pub site: Option<Arc<SiteConfig>>,
+    /// The request series of the site the request was routed to (or of unrouted requests);
+    /// also names the site in the access line.
+    pub counters: Option<Arc<crate::metrics::RequestCounters>>,
     /// Time from sending the request upstream to its response headers.
     pub upstream: Option<Duration>,
     /// The status sent to the client (0 until known).
     pub status: u16,
     /// Response body bytes sent.
     pub bytes: u64,
-    /// Where the request is counted (`wpf_gateway_requests_total`, upstream latency) when it
-    /// ends, whether or not access lines are written.
-    pub metrics: Option<Arc<crate::metrics::Metrics>>,
     written: bool,
 }
 
@@ -787,11 +787,10 @@ impl RequestLog {
             method,
             uri,
             client,
-            site: None,
+            counters: None,
             upstream: None,
             status: 0,
             bytes: 0,
-            metrics: None,
             written: false,
         }
     }
@@ -803,19 +802,15 @@ impl RequestLog {
         }
         self.written = true;
         let status = if self.status == 0 { 499 } else { self.status };
-        if let Some(metrics) = &self.metrics {
-            metrics.request(
-                self.site.as_ref().map(|s| s.name.as_str()),
-                status,
-                self.upstream,
-            );
+        if let Some(counters) = &self.counters {
+            counters.count(status, self.upstream);
         }
         if !self.enabled {
             return;
         }
         tracing::info!(
             target: "access",
-            site = self.site.as_ref().map_or("-", |s| s.name.as_str()),
+            site = self.counters.as_ref().map_or("-", |c| c.site()),
             client = %OptionDisplay(self.client),
             method = %self.method,
             path = %RedactedTarget(&self.uri),

@@ -175,17 +175,20 @@ impl Server {
         I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
     {
         let activity = Arc::new(Activity::new());
-        let gateway = self.gateway.clone();
-        let trusted = self.trusted_proxies.clone();
         let access_log = self.access_log;
-        let on_request = activity.clone();
+        // Cloned per request instead of `Gateway` itself: the count of a per-connection
+        // `Arc` stays in the cache of the core serving the connection, while the gateway's is
+        // shared by all and would bounce between cores on every request.
+        let shared = Arc::new(PerConnection {
+            server: self.clone(),
+            activity: activity.clone(),
+        });
         let service = service_fn(move |req: http::Request<hyper::body::Incoming>| {
-            let in_flight = InFlight::begin(&on_request);
-            let gateway = gateway.clone();
-            let mut log = RequestLog::start(&req, conn, &trusted, access_log);
-            log.metrics = Some(gateway.metrics.clone());
+            let shared = shared.clone();
+            let in_flight = InFlight::begin(&shared.activity);
+            let mut log = RequestLog::start(&req, conn, &shared.server.trusted_proxies, access_log);
             async move {
-                let resp = gateway.handle(req, conn, &mut log).await;
+                let resp = shared.server.gateway.handle(req, conn, &mut log).await;
                 log.status = resp.status().as_u16();
                 Ok::<_, Infallible>(resp.map(|body| ServedBody {
                     inner: body,
@@ -379,6 +382,12 @@ async fn accept_any(
         Poll::Pending
     })
     .await
+}
+
+/// What a connection's requests share (see `Server::serve_connection`).
+struct PerConnection {
+    server: Arc<Server>,
+    activity: Arc<Activity>,
 }
 
 /// Per-connection request activity, for the idle watchdog. Lock-free: one counter and one
