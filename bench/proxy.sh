@@ -253,11 +253,14 @@ upstream = "http://127.0.0.1:$UPSTREAM_PORT"
 access_key = "bench-access-key-not-secret"
 EOF
     "$GATEWAY_BIN" run --config "$TMP/gateway.toml" >"$TMP/gateway.log" 2>&1 &
-    PIDS+=($!)
-    SERVER_PID[gateway]=$!
-    SERVER_PID[gateway-tls]=$!
-    wait_ready gateway "http://127.0.0.1:$GATEWAY_PORT/" "$!" "$TMP/gateway.log"
-    wait_ready "gateway (TLS)" "https://127.0.0.1:$GATEWAY_TLS_PORT/" "$!" "$TMP/gateway.log"
+    local pid=$!
+    PIDS+=("$pid")
+    SERVER_PID[gateway]=$pid
+    SERVER_PID[gateway-tls]=$pid
+    # Not "$!" below: the process substitution in wait_ready resets it to curl's subshell,
+    # and the TLS check then reported a gateway that runs fine as "exited during start-up".
+    wait_ready gateway "http://127.0.0.1:$GATEWAY_PORT/" "$pid" "$TMP/gateway.log"
+    wait_ready "gateway (TLS)" "https://127.0.0.1:$GATEWAY_TLS_PORT/" "$pid" "$TMP/gateway.log"
     # Make sure the answer really went through the gateway (its Via), not something else.
     local head
     head=$(curl -s -D - -o /dev/null --max-time 2 "http://127.0.0.1:$GATEWAY_PORT/")

@@ -127,6 +127,10 @@ pub struct Routing {
     pub router: route::Router,
     pub proxy: Arc<proxy::Proxy>,
     pub front_door: Arc<webhook::FrontDoor>,
+    /// The request series of each site, in the order of `router.sites()`.
+    counters: Vec<Arc<metrics::RequestCounters>>,
+    /// The request series of requests no site took (421).
+    unrouted: Arc<metrics::RequestCounters>,
 }
 
 impl Routing {
@@ -135,8 +139,16 @@ impl Routing {
         queue: &Arc<queue::SqliteQueue>,
         metrics: &Arc<metrics::Metrics>,
     ) -> Result<Self, RunError> {
+        let router = route::Router::new(&config.sites);
+        let counters = router
+            .sites()
+            .iter()
+            .map(|site| Arc::new(metrics.request_counters(Some(&site.name))))
+            .collect();
         Ok(Routing {
-            router: route::Router::new(&config.sites),
+            router,
+            counters,
+            unrouted: Arc::new(metrics.request_counters(None)),
             proxy: Arc::new(proxy::Proxy::new(config)?),
             front_door: Arc::new(webhook::FrontDoor::new(
                 config,
@@ -630,19 +642,26 @@ impl Gateway {
         log: &mut proxy::RequestLog,
     ) -> http::Response<Body> {
         let routing = self.routing();
-        let Some(site) = routing.router.route(&req).cloned() else {
+        let routed = routing.router.route_index(&req).and_then(|i| {
+            let site = routing.router.sites().get(i)?;
+            Some((site, routing.counters.get(i)?))
+        });
+        let Some((site, counters)) = routed else {
+            log.counters = Some(routing.unrouted.clone());
             return proxy::error_page(http::StatusCode::MISDIRECTED_REQUEST);
         };
-        log.site = Some(site.clone());
+        log.counters = Some(counters.clone());
         if route::is_webhook(req.uri().query()) {
-            match routing.front_door.handle(&site, req, conn).await {
+            // Boxed: the front door's future is large and rare next to pass-through, and
+            // the request future is moved on every request (hyper stores it per request).
+            match Box::pin(routing.front_door.handle(site, req, conn)).await {
                 webhook::Outcome::Answered(resp) => resp,
                 webhook::Outcome::PassThrough(req) => {
-                    routing.proxy.forward(&site, req, conn, log).await
+                    routing.proxy.forward(site, req, conn, log).await
                 }
             }
         } else {
-            routing.proxy.forward(&site, req, conn, log).await
+            routing.proxy.forward(site, req, conn, log).await
         }
     }
 }

@@ -21,7 +21,6 @@
 //! Bodies stream both ways: nothing is buffered beyond hyper's read buffers, so a 1 GiB upload
 //! or download costs no more memory than a 1 KiB one. Header maps are edited in place.
 
-use std::collections::HashMap;
 use std::fmt;
 use std::net::IpAddr;
 use std::pin::Pin;
@@ -31,6 +30,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::uri::Authority;
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body::{Body as HttpBody, Frame, SizeHint};
 use http_body_util::BodyExt;
@@ -146,7 +146,11 @@ impl Proxy {
             if pools.iter().any(|(t, _)| *t == timeout) {
                 continue;
             }
-            let pool = UpstreamPool::new(upstream_connector(timeout)?, UPSTREAM_IDLE_TIMEOUT);
+            let pool = UpstreamPool::new(
+                upstream_connector(timeout)?,
+                UPSTREAM_IDLE_TIMEOUT,
+                crate::server::serving_threads(),
+            );
             pools.push((timeout, Arc::new(pool)));
         }
         Ok(Proxy {
@@ -262,12 +266,25 @@ type PoolKey = (http::uri::Scheme, http::uri::Authority);
 /// that waits for the connection to be ready again before pooling it. Here a connection goes
 /// back to the pool when its response body has been read to the end ([`PooledBody`]), and the
 /// next request waits for it to be ready; that saves a task and a pool round per request.
+///
+/// The idle connections are kept in one shard per serving thread (see `server.rs`): a
+/// connection's driver task runs on the thread that opened it, so a request that only takes
+/// connections of its own thread never hands its work to another core, and the shard's lock
+/// is never contended.
 pub struct UpstreamPool {
     connector: Connector,
     idle_timeout: Duration,
-    /// Most recently used last (taken first: its socket is the warmest). A plain mutex: it is
-    /// held for a push or a pop, never across an await.
-    idle: Mutex<HashMap<PoolKey, Vec<IdleConnection>>>,
+    /// Indexed by [`pool_shard`] (modulo their number). A plain mutex: it is held for a push
+    /// or a pop, never across an await.
+    shards: Box<[Mutex<PoolShard>]>,
+}
+
+/// The idle connections of one serving thread, per upstream. A handful of upstreams at most:
+/// a list compared by key beats hashing the key twice per request. Entries are never
+/// removed, so an index into `upstreams` stays valid.
+#[derive(Default)]
+struct PoolShard {
+    upstreams: Vec<(PoolKey, Vec<IdleConnection>)>,
 }
 
 struct IdleConnection {
@@ -275,13 +292,45 @@ struct IdleConnection {
     since: Instant,
 }
 
+thread_local! {
+    /// The upstream pool shard of this thread: each serving thread sets its own index; every
+    /// other thread (tests, the main runtime) uses shard 0.
+    static POOL_SHARD: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// Make `index` this thread's upstream pool shard (called once by each serving thread).
+pub(crate) fn set_pool_shard(index: usize) {
+    POOL_SHARD.with(|shard| shard.set(index));
+}
+
+fn pool_shard() -> usize {
+    POOL_SHARD.with(std::cell::Cell::get)
+}
+
+/// Where a lent connection goes back to: its shard and upstream slot.
+#[derive(Clone, Copy)]
+struct PoolSlot {
+    shard: usize,
+    upstream: usize,
+}
+
 impl UpstreamPool {
-    fn new(connector: Connector, idle_timeout: Duration) -> Self {
+    fn new(connector: Connector, idle_timeout: Duration, shards: usize) -> Self {
         UpstreamPool {
             connector,
             idle_timeout,
-            idle: Mutex::new(HashMap::new()),
+            shards: (0..shards.max(1))
+                .map(|_| Mutex::new(PoolShard::default()))
+                .collect(),
         }
+    }
+
+    fn shard(&self, index: usize) -> std::sync::MutexGuard<'_, PoolShard> {
+        // `shards` is never empty (`new`), so the modulo is defined and the index in range.
+        let shard = &self.shards[index % self.shards.len()];
+        shard
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// Send `req` (origin-form target) to the site's upstream: on an idle connection when
@@ -292,14 +341,14 @@ impl UpstreamPool {
         site: &SiteConfig,
         mut req: Request<UpstreamBody>,
     ) -> Result<Response<PooledBody>, ProxyError> {
-        let key: PoolKey = (
-            site.upstream.scheme.clone(),
-            site.upstream.authority.clone(),
-        );
+        let shard = pool_shard() % pool.shards.len();
+        let slot = pool.slot(shard, &site.upstream.scheme, &site.upstream.authority);
         loop {
-            let (mut sender, reused) = match pool.checkout(&key) {
+            let (mut sender, reused) = match pool.checkout(slot) {
                 Some(sender) => (sender, true),
-                None => (pool.connect(&key).await?, false),
+                // Boxed: connecting (TLS state included) is by far the largest part of this
+                // future, and rare; unboxed, every request would move it around.
+                None => (Box::pin(pool.connect(&site.upstream)).await?, false),
             };
             if let Err(e) = sender.ready().await {
                 if reused {
@@ -313,7 +362,7 @@ impl UpstreamPool {
                     let conn = (resp.status() != StatusCode::SWITCHING_PROTOCOLS).then(|| {
                         PooledConnection {
                             pool: pool.clone(),
-                            key,
+                            slot,
                             sender,
                         }
                     });
@@ -331,13 +380,25 @@ impl UpstreamPool {
         }
     }
 
-    /// The most recently used idle connection to `key` that is still open and not stale.
-    fn checkout(&self, key: &PoolKey) -> Option<http1::SendRequest<UpstreamBody>> {
-        let mut idle = self
-            .idle
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        let list = idle.get_mut(key)?;
+    /// The slot of an upstream in a shard, made on first use.
+    fn slot(&self, shard: usize, scheme: &http::uri::Scheme, authority: &Authority) -> PoolSlot {
+        let mut idle = self.shard(shard);
+        let found = idle
+            .upstreams
+            .iter()
+            .position(|((s, a), _)| s == scheme && a == authority);
+        let upstream = found.unwrap_or_else(|| {
+            idle.upstreams
+                .push(((scheme.clone(), authority.clone()), Vec::new()));
+            idle.upstreams.len() - 1
+        });
+        PoolSlot { shard, upstream }
+    }
+
+    /// The most recently used idle connection in `slot` that is still open and not stale.
+    fn checkout(&self, slot: PoolSlot) -> Option<http1::SendRequest<UpstreamBody>> {
+        let mut idle = self.shard(slot.shard);
+        let (_, list) = idle.upstreams.get_mut(slot.upstream)?;
         while let Some(conn) = list.pop() {
             if !conn.sender.is_closed() && conn.since.elapsed() < self.idle_timeout {
                 return Some(conn.sender);
@@ -346,15 +407,14 @@ impl UpstreamPool {
         None
     }
 
-    fn put_back(&self, key: PoolKey, sender: http1::SendRequest<UpstreamBody>) {
+    fn put_back(&self, slot: PoolSlot, sender: http1::SendRequest<UpstreamBody>) {
         if sender.is_closed() {
             return;
         }
-        let mut idle = self
-            .idle
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        let list = idle.entry(key).or_default();
+        let mut idle = self.shard(slot.shard);
+        let Some((_, list)) = idle.upstreams.get_mut(slot.upstream) else {
+            return;
+        };
         // Connections the upstream closed, or idle for too long, would otherwise pile up until
         // checked out (the most recent are taken first, so the oldest may never be).
         let now = Instant::now();
@@ -364,11 +424,14 @@ impl UpstreamPool {
 
     /// A new connection (connect timeout and TLS in the connector), driven by its own task
     /// until either side closes it; upgrades (101) hand the socket over to the tunnel.
-    async fn connect(&self, key: &PoolKey) -> Result<http1::SendRequest<UpstreamBody>, ProxyError> {
+    async fn connect(
+        &self,
+        upstream: &crate::config::Upstream,
+    ) -> Result<http1::SendRequest<UpstreamBody>, ProxyError> {
         use tower_service::Service;
         let uri = Uri::builder()
-            .scheme(key.0.clone())
-            .authority(key.1.clone())
+            .scheme(upstream.scheme.clone())
+            .authority(upstream.authority.clone())
             .path_and_query("/")
             .build()
             .map_err(|_| ProxyError::NotForwardable("upstream"))?;
@@ -409,7 +472,7 @@ fn classify_connect_error(err: BoxError) -> ProxyError {
 /// A connection lent to one request, returned to its pool by [`PooledBody`].
 struct PooledConnection {
     pool: Arc<UpstreamPool>,
-    key: PoolKey,
+    slot: PoolSlot,
     sender: http1::SendRequest<UpstreamBody>,
 }
 
@@ -453,7 +516,7 @@ impl Drop for PooledBody {
         // hyper stops polling a body once `is_end_stream` says so: that counts as the end too.
         if self.ended || self.inner.is_end_stream() {
             if let Some(conn) = self.conn.take() {
-                conn.pool.put_back(conn.key, conn.sender);
+                conn.pool.put_back(conn.slot, conn.sender);
             }
         }
     }
@@ -746,17 +809,15 @@ pub struct RequestLog {
     method: Method,
     uri: Uri,
     client: Option<IpAddr>,
-    /// The site the request was routed to.
-    pub site: Option<Arc<SiteConfig>>,
+    /// The request series of the site the request was routed to (or of unrouted requests);
+    /// also names the site in the access line.
+    pub counters: Option<Arc<crate::metrics::RequestCounters>>,
     /// Time from sending the request upstream to its response headers.
     pub upstream: Option<Duration>,
     /// The status sent to the client (0 until known).
     pub status: u16,
     /// Response body bytes sent.
     pub bytes: u64,
-    /// Where the request is counted (`wpf_gateway_requests_total`, upstream latency) when it
-    /// ends, whether or not access lines are written.
-    pub metrics: Option<Arc<crate::metrics::Metrics>>,
     written: bool,
 }
 
@@ -787,11 +848,10 @@ impl RequestLog {
             method,
             uri,
             client,
-            site: None,
+            counters: None,
             upstream: None,
             status: 0,
             bytes: 0,
-            metrics: None,
             written: false,
         }
     }
@@ -803,19 +863,15 @@ impl RequestLog {
         }
         self.written = true;
         let status = if self.status == 0 { 499 } else { self.status };
-        if let Some(metrics) = &self.metrics {
-            metrics.request(
-                self.site.as_ref().map(|s| s.name.as_str()),
-                status,
-                self.upstream,
-            );
+        if let Some(counters) = &self.counters {
+            counters.count(status, self.upstream);
         }
         if !self.enabled {
             return;
         }
         tracing::info!(
             target: "access",
-            site = self.site.as_ref().map_or("-", |s| s.name.as_str()),
+            site = self.counters.as_ref().map_or("-", |c| c.site()),
             client = %OptionDisplay(self.client),
             method = %self.method,
             path = %RedactedTarget(&self.uri),

@@ -41,26 +41,35 @@ impl Router {
     /// The site for a request: its `Host` header, else (HTTP/2 `:authority`, absolute-form)
     /// the URI's authority.
     pub fn route<B>(&self, req: &Request<B>) -> Option<&Arc<SiteConfig>> {
+        self.route_index(req).and_then(|i| self.sites.get(i))
+    }
+
+    /// Like [`Router::route`], as an index into [`Router::sites`] (for tables kept beside it).
+    pub fn route_index<B>(&self, req: &Request<B>) -> Option<usize> {
         let host = req
             .headers()
             .get(http::header::HOST)
             .and_then(|h| h.to_str().ok())
             .or_else(|| req.uri().authority().map(|a| a.as_str()));
-        self.site_for(host)
+        self.index_for(host)
     }
 
     /// The site for a host (`Host` header or URI authority), if any.
     pub fn site_for(&self, host: Option<&str>) -> Option<&Arc<SiteConfig>> {
+        self.index_for(host).and_then(|i| self.sites.get(i))
+    }
+
+    fn index_for(&self, host: Option<&str>) -> Option<usize> {
         if let Some(host) = host.map(normalise) {
             if let Some((_, i)) = self
                 .hosts
                 .iter()
                 .find(|(h, _)| h.eq_ignore_ascii_case(host))
             {
-                return self.sites.get(*i);
+                return Some(*i);
             }
         }
-        self.catch_all.and_then(|i| self.sites.get(i))
+        self.catch_all
     }
 }
 
