@@ -318,11 +318,17 @@ impl Metrics {
         }
     }
 
-    /// The label value of a site (shared, not copied).
+    /// The label value of a site: shared for the sites of the starting config, made anew for
+    /// a site a reload added (its own name, not `-`); `-` when no site took the request.
     fn site(&self, name: Option<&str>) -> Arc<str> {
-        name.and_then(|n| self.sites.get(n))
-            .unwrap_or(&self.no_site)
-            .clone()
+        match name {
+            Some(name) => self
+                .sites
+                .get(name)
+                .cloned()
+                .unwrap_or_else(|| Arc::from(name)),
+            None => self.no_site.clone(),
+        }
     }
 
     /// A request was answered with `status` (`site` is `None` when no site took it).
@@ -334,14 +340,7 @@ impl Metrics {
     /// keep: [`RequestCounters::count`] then needs no label lookup. A site that a reload added
     /// is labelled with its own name.
     pub fn request_counters(&self, site: Option<&str>) -> RequestCounters {
-        let label = match site {
-            Some(name) => self
-                .sites
-                .get(name)
-                .cloned()
-                .unwrap_or_else(|| Arc::from(name)),
-            None => self.no_site.clone(),
-        };
+        let label = self.site(site);
         RequestCounters {
             by_status: (FIRST_STATUS..=LAST_STATUS)
                 .map(|_| OnceLock::new())
@@ -452,6 +451,11 @@ mod tests {
         m.webhook("main", "update", "queued");
         m.webhook("main", "update", "rate_limited");
         m.set_queue(&[("pending".into(), 3)], 2);
+        // A site that a reload added, unknown when the metrics were made.
+        m.webhook("added", "update_tags", "queued");
+        m.job("added", "done", Duration::from_millis(40));
+        m.relay_request("added", "200");
+        m.crm_request("added", "200");
         let text = m.encode();
         for line in [
             "wpf_gateway_requests_total{site=\"main\",status=\"200\"} 2",
@@ -462,6 +466,10 @@ mod tests {
             "wpf_gateway_queue_jobs{state=\"pending\"} 3",
             "wpf_gateway_queue_jobs{state=\"dead\"} 0",
             "wpf_gateway_locks_held 2",
+            "wpf_gateway_webhooks_total{site=\"added\",action=\"update_tags\",outcome=\"queued\"} 1",
+            "wpf_gateway_job_duration_seconds_count{site=\"added\",outcome=\"done\"} 1",
+            "wpf_gateway_relay_requests_total{site=\"added\",status=\"200\"} 1",
+            "wpf_gateway_crm_requests_total{site=\"added\",status=\"200\"} 1",
             "wpf_gateway_tls_handshakes_total 0",
             "wpf_gateway_build_info{version=\"",
         ] {
