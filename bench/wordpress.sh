@@ -170,7 +170,8 @@ run_target() {
   php_port=$(free_port)
   copy_template "$db"
   write_site "$db" "$dir" "$php_port"
-  PHP_PID= GATEWAY_PID=
+  PHP_PID=''
+  GATEWAY_PID=''
   if [[ "$target" != direct ]]; then start_php "$dir" "$php_port"; fi
   local url
   if [[ "$target" == site ]]; then
@@ -270,13 +271,13 @@ for round in $(seq "$ROUNDS"); do
   for target in $TARGETS; do
     run_target "$target" "$round"
     line=$(cat "$TMP/result")
+    row=()
     for key in admit_s applied_s done_s jobs php_requests gateway_cpu_s php_cpu_s db_cpu_s; do
       v=$(printf '%s\n' "$line" | tr ' ' '\n' | awk -F= -v k="$key" '$1 == k { print $2 }')
       VAL[$target.$key]="${VAL[$target.$key]:-} $v"
+      row+=("$v")
     done
-    # shellcheck disable=SC2086
-    printf '%-5s %-7s %8s %10s %8s %7s %9s %8s %8s %8s\n' "$round" "$target" \
-      $(printf '%s\n' "$line" | tr ' ' '\n' | awk -F= '$1 ~ /^(admit_s|applied_s|done_s|jobs|php_requests|gateway_cpu_s|php_cpu_s|db_cpu_s)$/ { print $2 }')
+    printf '%-5s %-7s %8s %10s %8s %7s %9s %8s %8s %8s\n' "$round" "$target" "${row[@]}"
   done
 done
 
