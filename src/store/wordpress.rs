@@ -3,8 +3,10 @@
 //! a job is done and PHP does no webhook work.
 //!
 //! ```text
-//! apply ─ bcrypt (blocking pool, only to create) ─ GET_LOCK ─ BEGIN
-//!       ─ by {slug}_contact_id meta ─ else by user_email ─┬─ found ─ update ─ COMMIT
+//! apply ─ bcrypt (blocking pool, only to create)
+//!       ─ BEGIN ─ by {slug}_contact_id meta ─ found, same email ─ lock its row ─ update ─ COMMIT
+//!       ─ else: GET_LOCK ─ BEGIN
+//!       ─ by {slug}_contact_id meta ─ else by user_email ─┬─ found ─ lock its row ─ update ─ COMMIT
 //!       │                                                 ├─ none, no `create` ─ NoMatchingUser
 //!       │                                                 └─ none, `create` ─ insert ─ COMMIT
 //!       ─ RELEASE_LOCK
@@ -22,11 +24,16 @@
 //!   `last_name`, `rich_editing` …); the mapped meta keys, each a string (serialized once more
 //!   when it looks serialized, as `maybe_serialize` does).
 //!
-//! Concurrency: every change runs under the server-wide named lock `GET_LOCK('wpfgw:DB:PREFIX')`,
-//! so any number of gateways (pools, processes, machines) on one database apply changes one at a
-//! time, and the second `add` of a contact finds the user the first created. User writes come
-//! at the CRM's pace, a few a second, so one lock per site costs nothing that matters. A
-//! password is hashed before the lock is taken, never while it is held.
+//! Concurrency: creating a user, linking one found by email, and changing a user's email run
+//! under the server-wide named lock `GET_LOCK('wpfgw:DB:PREFIX')`, so any number of gateways
+//! (pools, processes, machines) on one database make them one at a time, and the second `add`
+//! of a contact finds the user the first created. The common change, new tags or fields for a
+//! user already linked to the contact, takes only that user's row lock (`SELECT … FOR UPDATE`
+//! on `{prefix}users`), which every change of a user takes before it reads the user's meta: so
+//! changes of different users run side by side, changes of one user one after the other, and
+//! no two add the same meta key twice. Transactions read committed data (`READ COMMITTED`, set
+//! on each connection), so what a change reads after taking the row lock is what the previous
+//! change of that user wrote. A password is hashed before any lock is taken.
 //!
 //! Reading is strict: a `{slug}_tags` or `{prefix}capabilities` value that is not a PHP array,
 //! or any meta value that looks serialized but cannot be read, is
@@ -179,6 +186,17 @@ impl WordPressStore {
         let pool = MySqlPoolOptions::new()
             .max_connections(POOL_SIZE)
             .acquire_timeout(ACQUIRE_TIMEOUT)
+            // See the module's note on concurrency.
+            .after_connect(|conn, _| {
+                Box::pin(async move {
+                    sqlx::Executor::execute(
+                        conn,
+                        "SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED",
+                    )
+                    .await
+                    .map(drop)
+                })
+            })
             .connect_lazy_with(connect);
         let p = &options.table_prefix;
         let slug = &options.crm_slug;
@@ -225,12 +243,63 @@ impl WordPressStore {
             None => None,
         };
         let mut conn = self.pool.acquire().await.map_err(unavailable)?;
+        if let Some(applied) = self.apply_linked(&mut conn, site, &change).await? {
+            return Ok(applied);
+        }
         self.lock(&mut conn).await?;
         let result = self
             .apply_locked(&mut conn, site, &change, hash.as_deref())
             .await;
         self.unlock(conn).await;
         result
+    }
+
+    /// The change without the store-wide lock, when it is an update of a user already linked
+    /// to the contact that keeps the user's email; `None` (nothing written) when it is not.
+    async fn apply_linked(
+        &self,
+        conn: &mut MySqlConnection,
+        site: &str,
+        change: &Normalized,
+    ) -> Result<Option<Applied>, StoreError> {
+        let mut tx = sqlx::Connection::begin(&mut *conn)
+            .await
+            .map_err(unavailable)?;
+        let Some(id) = self
+            .find_id(&mut tx, Lookup::Contact(&change.contact_id))
+            .await?
+        else {
+            return Ok(None);
+        };
+        if !self.lock_user(&mut tx, id).await? {
+            return Ok(None);
+        }
+        let extra: Vec<&str> = change.meta.keys().map(String::as_str).collect();
+        let user = self.load(&mut tx, site, id, &extra).await?;
+        // Read under the row lock: the link and the email as the last change left them.
+        let linked = user.contact_id.as_deref() == Some(change.contact_id.as_str());
+        if !linked || (!change.email.is_empty() && user.email != change.email) {
+            return Ok(None);
+        }
+        let applied = self.update(&mut tx, site, user, change).await?;
+        tx.commit().await.map_err(unavailable)?;
+        self.contacts
+            .insert(change.contact_id.clone(), applied.user.id);
+        Ok(Some(applied))
+    }
+
+    /// Take user `id`'s row lock until the transaction ends: whether the user exists.
+    async fn lock_user(&self, conn: &mut MySqlConnection, id: u64) -> Result<bool, StoreError> {
+        let sql = format!(
+            "SELECT ID FROM {} WHERE ID = ? FOR UPDATE",
+            self.tables.users
+        );
+        let found: Option<u64> = sqlx::query_scalar(&sql)
+            .bind(id)
+            .fetch_optional(&mut *conn)
+            .await
+            .map_err(unavailable)?;
+        Ok(found.is_some())
     }
 
     /// Values WordPress's columns could not hold: refused up front, as no retry fits them.
@@ -304,6 +373,12 @@ impl WordPressStore {
         let extra: Vec<&str> = change.meta.keys().map(String::as_str).collect();
         let applied = match (found, &change.create, password_hash) {
             (Some(id), _, _) => {
+                if !self.lock_user(&mut tx, id).await? {
+                    return Err(StoreError::Unavailable(format!(
+                        "WordPress user {id} was deleted while contact {} was applied",
+                        change.contact_id
+                    )));
+                }
                 let user = self.load(&mut tx, site, id, &extra).await?;
                 self.update(&mut tx, site, user, change).await?
             }
@@ -391,10 +466,11 @@ impl WordPressStore {
                     }
                     self.contacts.invalidate(id);
                 }
-                // Not remembered: the meta rows alone first, through the `meta_key` index (WordPress has none
-                // on `meta_value`): joined to the users and ordered by user id, MariaDB walks
-                // every user instead (33 ms against 3 ms a lookup with 1,000 users, measured
-                // with bench/wordpress.sh). Then the lowest of those ids that is still a user.
+                // Not remembered: the meta rows alone first, through the `meta_key` index
+                // (WordPress has none on `meta_value`): joined to the users and ordered by user
+                // id, MariaDB walks every user instead (33 ms against 3 ms a lookup with 1,000
+                // users, measured with bench/wordpress.sh). Then the lowest of those ids that
+                // is still a user.
                 let sql = format!(
                     "SELECT user_id FROM {} WHERE meta_key = ? AND meta_value = ?",
                     t.usermeta

@@ -427,6 +427,80 @@ async fn tls_to_the_database_is_verified() {
     assert_eq!(count_users(&url).await, 1);
 }
 
+/// Updates of linked users take no store-wide lock, only the user's row lock: 16 concurrent
+/// tag changes of one user from two stores (its tags meta row absent, so each would insert
+/// it), four times over, leave exactly one tags row holding one of the round's changes;
+/// changes of 8 users at once all land.
+#[tokio::test]
+async fn concurrent_updates_of_one_user_write_one_meta_row() {
+    let server = mariadb!();
+    let url = server.wordpress_tables("wp_").await;
+    let stores = [Arc::new(store(&url)), Arc::new(store(&url))];
+    let mut first = add("7", "one@x.org", "one");
+    first.tags.clear();
+    let user = stores[0].apply(SITE, first).await.unwrap().user;
+    for i in 0..8 {
+        let mut other = add(
+            &format!("{}", 100 + i),
+            &format!("u{i}@x.org"),
+            &format!("u{i}"),
+        );
+        other.tags.clear();
+        stores[1].apply(SITE, other).await.unwrap();
+    }
+    // Rounds: each starts with the tags row gone, so every change of the round would insert it.
+    for round in 0..4 {
+        sqlx::query(
+            "DELETE FROM wp_usermeta WHERE user_id = ? AND meta_key = 'activecampaign_tags'",
+        )
+        .bind(user.id)
+        .execute(&mut db(&url).await)
+        .await
+        .unwrap();
+        let mut tasks = Vec::new();
+        for i in 0..16 {
+            let s = stores[i % 2].clone();
+            tasks.push(tokio::spawn(async move {
+                let tag = format!("r{round}-{i}");
+                s.apply(SITE, change("7", "", &[tag.as_str()])).await
+            }));
+        }
+        if round == 0 {
+            for i in 0..8 {
+                let s = stores[i % 2].clone();
+                tasks.push(tokio::spawn(async move {
+                    let contact = format!("{}", 100 + i);
+                    s.apply(SITE, change(&contact, "", &["Gold"])).await
+                }));
+            }
+        }
+        for t in tasks {
+            t.await.unwrap().unwrap();
+        }
+        let rows: Vec<String> = sqlx::query_scalar(
+            "SELECT meta_value FROM wp_usermeta WHERE user_id = ? AND meta_key = 'activecampaign_tags'",
+        )
+        .bind(user.id)
+        .fetch_all(&mut db(&url).await)
+        .await
+        .unwrap();
+        assert_eq!(rows.len(), 1, "round {round}: {rows:?}");
+        assert!(rows[0].contains(&format!("\"r{round}-")), "{rows:?}");
+    }
+    let gold: i64 = sqlx::query_scalar(
+        "SELECT COUNT(*) FROM wp_usermeta WHERE meta_key = 'activecampaign_tags' \
+         AND meta_value = 'a:1:{i:0;s:4:\"Gold\";}'",
+    )
+    .fetch_one(&mut db(&url).await)
+    .await
+    .unwrap();
+    assert_eq!(gold, 8);
+    assert_eq!(count_users(&url).await, 9);
+    for s in stores {
+        s.close().await;
+    }
+}
+
 /// Direct mode end to end: webhooks from the CRM simulator, users in MariaDB, and
 /// `wpf-gateway user` reading them through the same store.
 #[tokio::test]
