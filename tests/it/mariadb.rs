@@ -151,14 +151,17 @@ fn start() -> Result<MariaDb, String> {
         .spawn()
         .map_err(|e| format!("sh: {e}"))?;
     let stdin = child.stdin.take().ok_or("no stdin pipe")?;
-    // Bounded wait for the server to take connections.
+    // Bounded wait for the server to take connections: its log says so (a connection alone
+    // could reach another program's listener), and the port answers.
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+        let log = std::fs::read_to_string(dir.join("error.log")).unwrap_or_default();
+        if log.contains("ready for connections")
+            && std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+        {
             break;
         }
-        if Instant::now() > deadline {
-            let log = std::fs::read_to_string(dir.join("error.log")).unwrap_or_default();
+        if log.contains("Can't start server") || Instant::now() > deadline {
             return Err(format!("MariaDB did not start within 60 s:\n{log}"));
         }
         std::thread::sleep(Duration::from_millis(100));
@@ -198,9 +201,13 @@ pub fn write_certificates(dir: &std::path::Path) -> Result<PathBuf, String> {
     Ok(dir.join("ca.pem"))
 }
 
+/// A free port below the ephemeral range (32768 and up on Linux), so that no client socket
+/// or `bind(…:0)` of the tests running alongside can take it before the server binds it.
 fn free_port() -> u16 {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    l.local_addr().expect("addr").port()
+    (0..1000)
+        .map(|_| rand::random_range(20_000..32_000))
+        .find(|port| std::net::TcpListener::bind(("127.0.0.1", *port)).is_ok())
+        .expect("a free port in 20000..32000")
 }
 
 impl MariaDb {
