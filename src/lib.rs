@@ -122,6 +122,55 @@ pub struct Gateway {
     pub metrics: Arc<metrics::Metrics>,
 }
 
+thread_local! {
+    /// This serving thread's handle on the routing it last served with. A thread keeps it
+    /// until it serves a request after a reload (or stops).
+    static LOCAL_ROUTING: std::cell::RefCell<Option<RoutingRef>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// A request's hold on the routing it was routed with.
+///
+/// The routing's own reference count is shared by every thread; cloning it per request wrote
+/// a cache line that both cores were writing. Each serving thread instead makes one handle
+/// per routing and the requests it serves clone that: a count only its own thread touches.
+#[derive(Clone)]
+pub struct RoutingRef(Arc<ThreadRouting>);
+
+/// One thread's hold on a routing (see [`RoutingRef`]).
+struct ThreadRouting {
+    routing: Arc<Routing>,
+}
+
+impl RoutingRef {
+    fn new(routing: Arc<Routing>) -> Self {
+        RoutingRef(Arc::new(ThreadRouting { routing }))
+    }
+}
+
+impl std::ops::Deref for RoutingRef {
+    type Target = Routing;
+
+    fn deref(&self) -> &Routing {
+        &self.0.routing
+    }
+}
+
+/// The site a request was routed to (`None`: no site took it), with the routing it holds.
+pub struct SiteRef {
+    routing: RoutingRef,
+    site: Option<usize>,
+}
+
+impl SiteRef {
+    /// The site's request series.
+    pub fn counters(&self) -> &metrics::RequestCounters {
+        self.site
+            .and_then(|i| self.routing.counters.get(i))
+            .unwrap_or(&self.routing.unrouted)
+    }
+}
+
 /// The request path of one configuration: Host -> site, the front door, the proxy.
 pub struct Routing {
     pub router: route::Router,
@@ -143,12 +192,12 @@ impl Routing {
         let counters = router
             .sites()
             .iter()
-            .map(|site| Arc::new(metrics.request_counters(Some(&site.name))))
+            .map(|site| metrics.request_counters(Some(&site.name)))
             .collect();
         Ok(Routing {
             router,
             counters,
-            unrouted: Arc::new(metrics.request_counters(None)),
+            unrouted: metrics.request_counters(None),
             proxy: Arc::new(proxy::Proxy::new(config)?),
             front_door: Arc::new(webhook::FrontDoor::new(
                 config,
@@ -179,6 +228,27 @@ impl Gateway {
     /// The current routing (a reload may replace it at any time).
     pub fn routing(&self) -> Arc<Routing> {
         self.routing.load_full()
+    }
+
+    /// The current routing, for one request: on a serving thread a clone of that thread's own
+    /// handle on it (see [`RoutingRef`]), elsewhere a handle of its own.
+    fn routing_here(&self) -> RoutingRef {
+        let current = self.routing.load();
+        if server::serving_thread().is_none() {
+            return RoutingRef::new(arc_swap::Guard::into_inner(current));
+        }
+        LOCAL_ROUTING.with(|local| {
+            let mut local = local.borrow_mut();
+            match &*local {
+                // The handle holds the routing, so a routing at the same address is the same.
+                Some(mine) if Arc::ptr_eq(&mine.0.routing, &*current) => mine.clone(),
+                _ => {
+                    let mine = RoutingRef::new(arc_swap::Guard::into_inner(current));
+                    *local = Some(mine.clone());
+                    mine
+                }
+            }
+        })
     }
 
     /// Make `routing` the one new requests use; requests in flight finish on the old one.
@@ -641,16 +711,16 @@ impl Gateway {
         conn: server::ConnInfo,
         log: &mut proxy::RequestLog,
     ) -> http::Response<Body> {
-        let routing = self.routing();
-        let routed = routing.router.route_index(&req).and_then(|i| {
-            let site = routing.router.sites().get(i)?;
-            Some((site, routing.counters.get(i)?))
+        let routing = self.routing_here();
+        let index = routing.router.route_index(&req);
+        let site = index.and_then(|i| routing.router.sites().get(i));
+        log.site = Some(SiteRef {
+            routing: routing.clone(),
+            site: site.and(index),
         });
-        let Some((site, counters)) = routed else {
-            log.counters = Some(routing.unrouted.clone());
+        let Some(site) = site else {
             return proxy::error_page(http::StatusCode::MISDIRECTED_REQUEST);
         };
-        log.counters = Some(counters.clone());
         if route::is_webhook(req.uri().query()) {
             // Boxed: the front door's future is large and rare next to pass-through, and
             // the request future is moved on every request (hyper stores it per request).

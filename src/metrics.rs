@@ -6,7 +6,8 @@
 //! name is a pre-built `Arc<str>`, the status a `u16`, action and outcome `&'static str`), so
 //! counting costs a hash lookup and an atomic add, no allocation once a series exists. Pass-
 //! through requests, the hot path, skip even the lookup: each routing keeps the
-//! [`RequestCounters`] of its sites.
+//! [`RequestCounters`] of its sites, which count per serving thread and are summed at scrape
+//! time.
 //! Values that live elsewhere are read at scrape time: queue depth (SQLite), locks held (the
 //! lock cache), TLS handshakes ([`TlsStats`]).
 //!
@@ -29,18 +30,19 @@
 //! A family shows up in the output once it has a series (the text encoder leaves empty ones
 //! out): `wpf_gateway_crm_requests_total`, for instance, once direct mode counts into it.
 
-use std::collections::HashMap;
-use std::sync::atomic::Ordering;
-use std::sync::{Arc, OnceLock};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use prometheus_client::collector::Collector;
-use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric, NoLabelSet};
 use prometheus_client::metrics::counter::{ConstCounter, Counter};
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::metrics::info::Info;
+use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
 
 use crate::config::Config;
@@ -98,22 +100,58 @@ pub struct StateLabel {
 
 type HistogramFamily<S> = Family<S, Histogram, fn() -> Histogram>;
 
-/// Statuses [`RequestCounters`] keeps a handle for; others (hyper refuses them anyway) are
-/// looked up in the family each time.
+/// Statuses [`RequestCounters`] keeps a counter of its own for; others (hyper refuses them
+/// anyway) go to a locked map.
 const FIRST_STATUS: u16 = 100;
 const LAST_STATUS: u16 = 599;
+const STATUSES: usize = (LAST_STATUS - FIRST_STATUS + 1) as usize;
+
+/// Upper bounds of the upstream latency buckets, 1 ms to ~16 s (the `+Inf` bucket follows).
+const UPSTREAM_BOUNDS: [f64; 15] = {
+    let mut bounds = [0.001; 15];
+    let mut i = 1;
+    while i < bounds.len() {
+        bounds[i] = bounds[i - 1] * 2.0;
+        i += 1;
+    }
+    bounds
+};
 
 /// The `wpf_gateway_requests_total` and `wpf_gateway_upstream_duration_seconds` series of one
-/// site, looked up once (per routing, see `Routing`) instead of per request: counting a request
-/// is an index and an atomic add, with no hashing of label sets and no lock. A series is made
-/// on first use, so the output only shows statuses that happened, as before.
+/// site (or of requests no site took), counted on the request path of every pass-through
+/// request and read at scrape time.
+///
+/// Counting is an atomic add into the counting thread's own shard: each serving thread (see
+/// `server.rs`) has one, every other thread counts into shard 0. With one counter per series
+/// shared by all threads (a prometheus-client `Counter`, a `Histogram` behind a mutex), each
+/// request wrote cache lines the other core had just written. A series shows up once it has
+/// counted something, as a family's series did.
 pub struct RequestCounters {
     site: Arc<str>,
-    /// One slot per status in `FIRST_STATUS..=LAST_STATUS`.
-    by_status: Box<[OnceLock<Counter>]>,
-    upstream: OnceLock<Histogram>,
-    requests: Family<SiteStatus, Counter>,
-    upstream_duration: HistogramFamily<SiteLabel>,
+    shards: Box<[RequestShard]>,
+    /// Statuses outside `FIRST_STATUS..=LAST_STATUS`.
+    other: Mutex<BTreeMap<u16, u64>>,
+}
+
+/// One thread's counts; aligned so that no two shards share a cache line.
+#[repr(align(128))]
+struct RequestShard {
+    by_status: [AtomicU64; STATUSES],
+    /// Per bucket of `UPSTREAM_BOUNDS`, then `+Inf` (not cumulative).
+    upstream_buckets: [AtomicU64; UPSTREAM_BOUNDS.len() + 1],
+    upstream_count: AtomicU64,
+    upstream_sum_ns: AtomicU64,
+}
+
+impl RequestShard {
+    fn new() -> Self {
+        RequestShard {
+            by_status: std::array::from_fn(|_| AtomicU64::new(0)),
+            upstream_buckets: std::array::from_fn(|_| AtomicU64::new(0)),
+            upstream_count: AtomicU64::new(0),
+            upstream_sum_ns: AtomicU64::new(0),
+        }
+    }
 }
 
 impl std::fmt::Debug for RequestCounters {
@@ -125,6 +163,16 @@ impl std::fmt::Debug for RequestCounters {
 }
 
 impl RequestCounters {
+    fn new(site: Arc<str>) -> Self {
+        RequestCounters {
+            site,
+            shards: (0..crate::server::serving_threads().max(1))
+                .map(|_| RequestShard::new())
+                .collect(),
+            other: Mutex::default(),
+        }
+    }
+
     /// The site label (`-` for requests no site took).
     pub fn site(&self) -> &str {
         &self.site
@@ -133,32 +181,184 @@ impl RequestCounters {
     /// A request was answered with `status`; `upstream` is the time to the upstream's
     /// response headers, if it was forwarded.
     pub fn count(&self, status: u16, upstream: Option<Duration>) {
+        let thread = crate::server::serving_thread().unwrap_or(0);
+        // `shards` is never empty (`new`): the modulo is defined and the index in range.
+        let shard = &self.shards[thread % self.shards.len()];
         if let Some(took) = upstream {
-            self.upstream
-                .get_or_init(|| {
-                    let label = SiteLabel {
-                        site: self.site.clone(),
-                    };
-                    self.upstream_duration.get_or_create(&label).clone()
-                })
-                .observe(took.as_secs_f64());
+            let secs = took.as_secs_f64();
+            let bucket = UPSTREAM_BOUNDS
+                .iter()
+                .position(|&bound| secs <= bound)
+                .unwrap_or(UPSTREAM_BOUNDS.len());
+            shard.upstream_buckets[bucket].fetch_add(1, Ordering::Relaxed);
+            shard.upstream_count.fetch_add(1, Ordering::Relaxed);
+            let ns = u64::try_from(took.as_nanos()).unwrap_or(u64::MAX);
+            shard.upstream_sum_ns.fetch_add(ns, Ordering::Relaxed);
         }
         let slot = status
             .checked_sub(FIRST_STATUS)
-            .and_then(|i| self.by_status.get(usize::from(i)));
-        let series = || SiteStatus {
-            site: self.site.clone(),
-            status,
-        };
+            .and_then(|i| shard.by_status.get(usize::from(i)));
         match slot {
             Some(slot) => {
-                slot.get_or_init(|| self.requests.get_or_create(&series()).clone())
-                    .inc();
+                slot.fetch_add(1, Ordering::Relaxed);
             }
             None => {
-                self.requests.get_or_create(&series()).inc();
+                *self
+                    .other
+                    .lock()
+                    .unwrap_or_else(|poisoned| poisoned.into_inner())
+                    .entry(status)
+                    .or_default() += 1;
             }
         }
+    }
+
+    /// Every status counted so far, with its count summed over the shards, in status order.
+    fn statuses(&self) -> Vec<(u16, u64)> {
+        let mut out: Vec<(u16, u64)> = (0..STATUSES)
+            .filter_map(|i| {
+                let n: u64 = self
+                    .shards
+                    .iter()
+                    .map(|s| s.by_status[i].load(Ordering::Relaxed))
+                    .sum();
+                let status = FIRST_STATUS + u16::try_from(i).ok()?;
+                (n > 0).then_some((status, n))
+            })
+            .collect();
+        let other = self
+            .other
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        out.extend(other.iter().map(|(s, n)| (*s, *n)));
+        out.sort_unstable();
+        out
+    }
+
+    /// The upstream histogram summed over the shards; `None` before the first observation.
+    fn upstream(&self) -> Option<UpstreamSnapshot> {
+        let sum = |f: &dyn Fn(&RequestShard) -> u64| -> u64 {
+            self.shards.iter().map(f).fold(0, u64::saturating_add)
+        };
+        let count = sum(&|s| s.upstream_count.load(Ordering::Relaxed));
+        if count == 0 {
+            return None;
+        }
+        let sum_ns = sum(&|s| s.upstream_sum_ns.load(Ordering::Relaxed));
+        let buckets = UPSTREAM_BOUNDS
+            .iter()
+            .copied()
+            .chain(std::iter::once(f64::INFINITY))
+            .enumerate()
+            .map(|(i, bound)| {
+                (
+                    bound,
+                    sum(&|s| s.upstream_buckets[i].load(Ordering::Relaxed)),
+                )
+            })
+            .collect();
+        // Nanoseconds as f64 lose precision only past 2^53 ns (104 days of waiting).
+        #[allow(clippy::cast_precision_loss)]
+        let secs = sum_ns as f64 / 1e9;
+        Some(UpstreamSnapshot {
+            sum: secs,
+            count,
+            buckets,
+        })
+    }
+}
+
+/// A site's upstream latency histogram at scrape time.
+struct UpstreamSnapshot {
+    /// Seconds.
+    sum: f64,
+    count: u64,
+    /// Per-bucket counts (not cumulative) with their upper bounds, `+Inf` last.
+    buckets: Vec<(f64, u64)>,
+}
+
+/// The request series of every site, encoded at scrape time. Sites are never removed: a site
+/// that a reload drops keeps its counts (a counter must not go back), and one that comes back
+/// counts on from them.
+#[derive(Default)]
+struct RequestSeries {
+    sites: Mutex<Vec<Arc<RequestCounters>>>,
+}
+
+impl std::fmt::Debug for RequestSeries {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("RequestSeries")
+    }
+}
+
+impl RequestSeries {
+    /// The series of `site`, made on first use.
+    fn of(&self, site: Arc<str>) -> Arc<RequestCounters> {
+        let mut sites = self
+            .sites
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Some(found) = sites.iter().find(|c| c.site == site) {
+            return found.clone();
+        }
+        let counters = Arc::new(RequestCounters::new(site));
+        sites.push(counters.clone());
+        counters
+    }
+}
+
+impl Collector for RequestSeries {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let sites = self
+            .sites
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone();
+        let requests: Vec<_> = sites
+            .iter()
+            .flat_map(|c| {
+                c.statuses()
+                    .into_iter()
+                    .map(move |(status, n)| (c, status, n))
+            })
+            .collect();
+        // A family without series is left out, as the registry's own encoder does.
+        if !requests.is_empty() {
+            let mut metric = encoder.encode_descriptor(
+                "wpf_gateway_requests",
+                "Requests answered, by site and HTTP status (499: client went away)",
+                None,
+                MetricType::Counter,
+            )?;
+            for (counters, status, n) in requests {
+                let labels = SiteStatus {
+                    site: counters.site.clone(),
+                    status,
+                };
+                ConstCounter::new(n).encode(metric.encode_family(&labels)?)?;
+            }
+        }
+        let upstream: Vec<_> = sites
+            .iter()
+            .filter_map(|c| Some((c, c.upstream()?)))
+            .collect();
+        if !upstream.is_empty() {
+            let mut metric = encoder.encode_descriptor(
+                "wpf_gateway_upstream_duration_seconds",
+                "Pass-through: time from sending a request upstream to its response headers",
+                None,
+                MetricType::Histogram,
+            )?;
+            for (counters, h) in upstream {
+                let labels = SiteLabel {
+                    site: counters.site.clone(),
+                };
+                metric
+                    .encode_family(&labels)?
+                    .encode_histogram::<NoLabelSet>(h.sum, h.count, &h.buckets, None)?;
+            }
+        }
+        Ok(())
     }
 }
 
@@ -167,8 +367,7 @@ pub struct Metrics {
     registry: Registry,
     sites: HashMap<String, Arc<str>>,
     no_site: Arc<str>,
-    requests: Family<SiteStatus, Counter>,
-    upstream_duration: HistogramFamily<SiteLabel>,
+    requests: Arc<RequestSeries>,
     webhooks: Family<WebhookLabels, Counter>,
     rate_limited: Family<SiteLabel, Counter>,
     queue_jobs: Family<StateLabel, Gauge>,
@@ -182,11 +381,6 @@ impl std::fmt::Debug for Metrics {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Metrics").finish_non_exhaustive()
     }
-}
-
-/// Upstream answers: 1 ms to ~16 s.
-fn upstream_buckets() -> Histogram {
-    Histogram::new(exponential_buckets(0.001, 2.0, 15))
 }
 
 /// Jobs, from arrival to their end: 10 ms to ~23 h (retries stretch it).
@@ -230,19 +424,8 @@ impl Metrics {
     /// Register every family; site labels come from `config.sites`.
     pub fn new(config: &Config, tls: Arc<TlsStats>) -> Self {
         let mut registry = Registry::default();
-        let requests = Family::<SiteStatus, Counter>::default();
-        registry.register(
-            "wpf_gateway_requests",
-            "Requests answered, by site and HTTP status (499: client went away)",
-            requests.clone(),
-        );
-        let upstream_duration: HistogramFamily<SiteLabel> =
-            Family::new_with_constructor(upstream_buckets);
-        registry.register(
-            "wpf_gateway_upstream_duration_seconds",
-            "Pass-through: time from sending a request upstream to its response headers",
-            upstream_duration.clone(),
-        );
+        let requests = Arc::new(RequestSeries::default());
+        registry.register_collector(Box::new(requests.clone()));
         let webhooks = Family::<WebhookLabels, Counter>::default();
         registry.register(
             "wpf_gateway_webhooks",
@@ -307,7 +490,6 @@ impl Metrics {
             sites,
             no_site: Arc::from(NO_SITE),
             requests,
-            upstream_duration,
             webhooks,
             rate_limited,
             queue_jobs,
@@ -337,19 +519,11 @@ impl Metrics {
     }
 
     /// The request series of `site` (`None`: requests no site took), for the request path to
-    /// keep: [`RequestCounters::count`] then needs no label lookup. A site that a reload added
-    /// is labelled with its own name.
-    pub fn request_counters(&self, site: Option<&str>) -> RequestCounters {
-        let label = self.site(site);
-        RequestCounters {
-            by_status: (FIRST_STATUS..=LAST_STATUS)
-                .map(|_| OnceLock::new())
-                .collect(),
-            upstream: OnceLock::new(),
-            site: label,
-            requests: self.requests.clone(),
-            upstream_duration: self.upstream_duration.clone(),
-        }
+    /// keep: [`RequestCounters::count`] then needs no label lookup. The same series for the
+    /// same site in every routing, so counts carry on across reloads. A site that a reload
+    /// added is labelled with its own name.
+    pub fn request_counters(&self, site: Option<&str>) -> Arc<RequestCounters> {
+        self.requests.of(self.site(site))
     }
 
     /// The front door answered a webhook.
@@ -475,5 +649,56 @@ mod tests {
         ] {
             assert!(text.contains(line), "{line} missing in\n{text}");
         }
+    }
+
+    #[test]
+    fn request_series_sum_their_threads_and_outlive_a_routing() {
+        let m = Arc::new(metrics());
+        let threads: Vec<_> = (0..4)
+            .map(|_| {
+                let m = m.clone();
+                std::thread::spawn(move || {
+                    // A routing's handle, as each reload makes anew.
+                    let counters = m.request_counters(Some("main"));
+                    for _ in 0..1000 {
+                        counters.count(200, Some(Duration::from_millis(3)));
+                    }
+                    counters.count(404, None);
+                    counters.count(999, None);
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        let text = m.encode();
+        for line in [
+            "wpf_gateway_requests_total{site=\"main\",status=\"200\"} 4000",
+            "wpf_gateway_requests_total{site=\"main\",status=\"404\"} 4",
+            "wpf_gateway_requests_total{site=\"main\",status=\"999\"} 4",
+            "wpf_gateway_upstream_duration_seconds_count{site=\"main\"} 4000",
+            "wpf_gateway_upstream_duration_seconds_bucket{site=\"main\",le=\"0.002\"} 0",
+            "wpf_gateway_upstream_duration_seconds_bucket{site=\"main\",le=\"0.004\"} 4000",
+            "wpf_gateway_upstream_duration_seconds_bucket{site=\"main\",le=\"+Inf\"} 4000",
+        ] {
+            assert!(text.contains(line), "{line} missing in\n{text}");
+        }
+        let sum = text
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix("wpf_gateway_upstream_duration_seconds_sum{site=\"main\"} ")
+            })
+            .and_then(|v| v.parse::<f64>().ok())
+            .expect("a sum");
+        assert!((sum - 12.0).abs() < 1e-6, "sum {sum}");
+        // One TYPE line per family, however many sites and statuses.
+        assert_eq!(text.matches("# TYPE wpf_gateway_requests").count(), 1, "{text}");
+    }
+
+    #[test]
+    fn families_without_requests_are_left_out() {
+        let text = metrics().encode();
+        assert!(!text.contains("wpf_gateway_requests"), "{text}");
+        assert!(!text.contains("wpf_gateway_upstream_duration"), "{text}");
     }
 }

@@ -236,7 +236,7 @@ impl Proxy {
             .map(|(_, p)| p)
             .ok_or(ProxyError::NotForwardable("no upstream client"))?;
         let (req, body_sent) = UpstreamBody::wrap(req);
-        let response = UpstreamPool::send(pool, site, req);
+        let response = pool.send(site, req);
         let deadline = async {
             if let Some(sent) = body_sent {
                 // Err means the body was dropped: sent (hyper stops at the declared length) or
@@ -270,20 +270,26 @@ type PoolKey = (http::uri::Scheme, http::uri::Authority);
 /// The idle connections are kept in one shard per serving thread (see `server.rs`): a
 /// connection's driver task runs on the thread that opened it, so a request that only takes
 /// connections of its own thread never hands its work to another core, and the shard's lock
-/// is never contended.
+/// is never contended. A lent connection holds its shard, not the pool: the shard's reference
+/// count is only ever touched by its own thread.
 pub struct UpstreamPool {
     connector: Connector,
-    idle_timeout: Duration,
-    /// Indexed by [`pool_shard`] (modulo their number). A plain mutex: it is held for a push
-    /// or a pop, never across an await.
-    shards: Box<[Mutex<PoolShard>]>,
+    /// Indexed by `server::serving_thread()` (modulo their number; 0 on other threads).
+    shards: Box<[Arc<PoolShard>]>,
 }
 
-/// The idle connections of one serving thread, per upstream. A handful of upstreams at most:
-/// a list compared by key beats hashing the key twice per request. Entries are never
-/// removed, so an index into `upstreams` stays valid.
-#[derive(Default)]
+/// The idle connections of one serving thread.
 struct PoolShard {
+    idle_timeout: Duration,
+    /// A plain mutex: it is held for a push or a pop, never across an await.
+    idle: Mutex<IdleLists>,
+}
+
+/// Idle connections per upstream. A handful of upstreams at most: a list compared by key
+/// beats hashing the key twice per request. Entries are never removed, so an index into
+/// `upstreams` stays valid.
+#[derive(Default)]
+struct IdleLists {
     upstreams: Vec<(PoolKey, Vec<IdleConnection>)>,
 }
 
@@ -292,63 +298,39 @@ struct IdleConnection {
     since: Instant,
 }
 
-thread_local! {
-    /// The upstream pool shard of this thread: each serving thread sets its own index; every
-    /// other thread (tests, the main runtime) uses shard 0.
-    static POOL_SHARD: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
-}
-
-/// Make `index` this thread's upstream pool shard (called once by each serving thread).
-pub(crate) fn set_pool_shard(index: usize) {
-    POOL_SHARD.with(|shard| shard.set(index));
-}
-
-fn pool_shard() -> usize {
-    POOL_SHARD.with(std::cell::Cell::get)
-}
-
-/// Where a lent connection goes back to: its shard and upstream slot.
-#[derive(Clone, Copy)]
-struct PoolSlot {
-    shard: usize,
-    upstream: usize,
-}
-
 impl UpstreamPool {
     fn new(connector: Connector, idle_timeout: Duration, shards: usize) -> Self {
         UpstreamPool {
             connector,
-            idle_timeout,
             shards: (0..shards.max(1))
-                .map(|_| Mutex::new(PoolShard::default()))
+                .map(|_| {
+                    Arc::new(PoolShard {
+                        idle_timeout,
+                        idle: Mutex::default(),
+                    })
+                })
                 .collect(),
         }
-    }
-
-    fn shard(&self, index: usize) -> std::sync::MutexGuard<'_, PoolShard> {
-        // `shards` is never empty (`new`), so the modulo is defined and the index in range.
-        let shard = &self.shards[index % self.shards.len()];
-        shard
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// Send `req` (origin-form target) to the site's upstream: on an idle connection when
     /// there is one, else on a new one. A request that a reused connection could not even
     /// start sending (the upstream had closed it meanwhile) is retried on another connection.
     async fn send(
-        pool: &Arc<Self>,
+        &self,
         site: &SiteConfig,
         mut req: Request<UpstreamBody>,
     ) -> Result<Response<PooledBody>, ProxyError> {
-        let shard = pool_shard() % pool.shards.len();
-        let slot = pool.slot(shard, &site.upstream.scheme, &site.upstream.authority);
+        let thread = crate::server::serving_thread().unwrap_or(0);
+        // `shards` is never empty (`new`), so the modulo is defined and the index in range.
+        let shard = &self.shards[thread % self.shards.len()];
+        let upstream = shard.slot(&site.upstream.scheme, &site.upstream.authority);
         loop {
-            let (mut sender, reused) = match pool.checkout(slot) {
+            let (mut sender, reused) = match shard.checkout(upstream) {
                 Some(sender) => (sender, true),
                 // Boxed: connecting (TLS state included) is by far the largest part of this
                 // future, and rare; unboxed, every request would move it around.
-                None => (Box::pin(pool.connect(&site.upstream)).await?, false),
+                None => (Box::pin(self.connect(&site.upstream)).await?, false),
             };
             if let Err(e) = sender.ready().await {
                 if reused {
@@ -361,8 +343,8 @@ impl UpstreamPool {
                     // After a 101 the socket belongs to the tunnel, never to the pool.
                     let conn = (resp.status() != StatusCode::SWITCHING_PROTOCOLS).then(|| {
                         PooledConnection {
-                            pool: pool.clone(),
-                            slot,
+                            shard: shard.clone(),
+                            upstream,
                             sender,
                         }
                     });
@@ -378,48 +360,6 @@ impl UpstreamPool {
                 },
             }
         }
-    }
-
-    /// The slot of an upstream in a shard, made on first use.
-    fn slot(&self, shard: usize, scheme: &http::uri::Scheme, authority: &Authority) -> PoolSlot {
-        let mut idle = self.shard(shard);
-        let found = idle
-            .upstreams
-            .iter()
-            .position(|((s, a), _)| s == scheme && a == authority);
-        let upstream = found.unwrap_or_else(|| {
-            idle.upstreams
-                .push(((scheme.clone(), authority.clone()), Vec::new()));
-            idle.upstreams.len() - 1
-        });
-        PoolSlot { shard, upstream }
-    }
-
-    /// The most recently used idle connection in `slot` that is still open and not stale.
-    fn checkout(&self, slot: PoolSlot) -> Option<http1::SendRequest<UpstreamBody>> {
-        let mut idle = self.shard(slot.shard);
-        let (_, list) = idle.upstreams.get_mut(slot.upstream)?;
-        while let Some(conn) = list.pop() {
-            if !conn.sender.is_closed() && conn.since.elapsed() < self.idle_timeout {
-                return Some(conn.sender);
-            }
-        }
-        None
-    }
-
-    fn put_back(&self, slot: PoolSlot, sender: http1::SendRequest<UpstreamBody>) {
-        if sender.is_closed() {
-            return;
-        }
-        let mut idle = self.shard(slot.shard);
-        let Some((_, list)) = idle.upstreams.get_mut(slot.upstream) else {
-            return;
-        };
-        // Connections the upstream closed, or idle for too long, would otherwise pile up until
-        // checked out (the most recent are taken first, so the oldest may never be).
-        let now = Instant::now();
-        list.retain(|c| !c.sender.is_closed() && now - c.since < self.idle_timeout);
-        list.push(IdleConnection { sender, since: now });
     }
 
     /// A new connection (connect timeout and TLS in the connector), driven by its own task
@@ -454,6 +394,62 @@ impl UpstreamPool {
     }
 }
 
+impl PoolShard {
+    fn lists(&self) -> std::sync::MutexGuard<'_, IdleLists> {
+        self.idle
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// The index of an upstream's idle list, made on first use.
+    fn slot(&self, scheme: &http::uri::Scheme, authority: &Authority) -> usize {
+        let mut lists = self.lists();
+        let found = lists
+            .upstreams
+            .iter()
+            .position(|((s, a), _)| s == scheme && a == authority);
+        found.unwrap_or_else(|| {
+            lists
+                .upstreams
+                .push(((scheme.clone(), authority.clone()), Vec::new()));
+            lists.upstreams.len() - 1
+        })
+    }
+
+    /// The most recently used idle connection to `upstream` that is still open and not stale.
+    fn checkout(&self, upstream: usize) -> Option<http1::SendRequest<UpstreamBody>> {
+        let mut lists = self.lists();
+        let (_, list) = lists.upstreams.get_mut(upstream)?;
+        while let Some(conn) = list.pop() {
+            if !conn.sender.is_closed() && conn.since.elapsed() < self.idle_timeout {
+                return Some(conn.sender);
+            }
+        }
+        None
+    }
+
+    fn put_back(&self, upstream: usize, sender: http1::SendRequest<UpstreamBody>) {
+        if sender.is_closed() {
+            return;
+        }
+        let mut lists = self.lists();
+        let Some((_, list)) = lists.upstreams.get_mut(upstream) else {
+            return;
+        };
+        // The list is in the order the connections came back (taken from the end), so the
+        // oldest are at the front, and they may never be taken: drop those idle for too long.
+        // Connections the upstream closed meanwhile are dropped when taken, or with age;
+        // checking each of them here cost a cache miss per idle connection per request.
+        let now = Instant::now();
+        let stale = list
+            .iter()
+            .take_while(|c| now - c.since >= self.idle_timeout)
+            .count();
+        list.drain(..stale);
+        list.push(IdleConnection { sender, since: now });
+    }
+}
+
 /// Connect timeouts (io `TimedOut` in the source chain) are 504s; every other failure to
 /// connect is a 502.
 fn classify_connect_error(err: BoxError) -> ProxyError {
@@ -469,10 +465,10 @@ fn classify_connect_error(err: BoxError) -> ProxyError {
     ProxyError::Unreachable(err)
 }
 
-/// A connection lent to one request, returned to its pool by [`PooledBody`].
+/// A connection lent to one request, returned to its pool shard by [`PooledBody`].
 struct PooledConnection {
-    pool: Arc<UpstreamPool>,
-    slot: PoolSlot,
+    shard: Arc<PoolShard>,
+    upstream: usize,
     sender: http1::SendRequest<UpstreamBody>,
 }
 
@@ -516,7 +512,7 @@ impl Drop for PooledBody {
         // hyper stops polling a body once `is_end_stream` says so: that counts as the end too.
         if self.ended || self.inner.is_end_stream() {
             if let Some(conn) = self.conn.take() {
-                conn.pool.put_back(conn.slot, conn.sender);
+                conn.shard.put_back(conn.upstream, conn.sender);
             }
         }
     }
@@ -811,7 +807,7 @@ pub struct RequestLog {
     client: Option<IpAddr>,
     /// The request series of the site the request was routed to (or of unrouted requests);
     /// also names the site in the access line.
-    pub counters: Option<Arc<crate::metrics::RequestCounters>>,
+    pub site: Option<crate::SiteRef>,
     /// Time from sending the request upstream to its response headers.
     pub upstream: Option<Duration>,
     /// The status sent to the client (0 until known).
@@ -848,7 +844,7 @@ impl RequestLog {
             method,
             uri,
             client,
-            counters: None,
+            site: None,
             upstream: None,
             status: 0,
             bytes: 0,
@@ -863,15 +859,15 @@ impl RequestLog {
         }
         self.written = true;
         let status = if self.status == 0 { 499 } else { self.status };
-        if let Some(counters) = &self.counters {
-            counters.count(status, self.upstream);
+        if let Some(site) = &self.site {
+            site.counters().count(status, self.upstream);
         }
         if !self.enabled {
             return;
         }
         tracing::info!(
             target: "access",
-            site = self.counters.as_ref().map_or("-", |c| c.site()),
+            site = self.site.as_ref().map_or("-", |s| s.counters().site()),
             client = %OptionDisplay(self.client),
             method = %self.method,
             path = %RedactedTarget(&self.uri),

@@ -27,6 +27,12 @@
 //! connection from that thread's pool shard) then happens on one core; with tokio's
 //! multi-threaded scheduler the client side and the upstream side of a request were woken on
 //! whichever worker polled the event, and `bench/proxy.sh` measured ~20% more CPU per request.
+//!
+//! Nothing a request does on the pass-through path writes memory that another serving thread
+//! writes too: each thread has its own shutdown tokens (polled on every wake-up of every
+//! connection task, and each poll takes the token's lock), its own handle on the routing
+//! (`Gateway::handle`), its own pool shard and its own request counters (`metrics`). A
+//! cache line written by both cores moves between them on every write.
 
 use std::convert::Infallible;
 use std::net::{IpAddr, SocketAddr};
@@ -286,6 +292,18 @@ pub fn serving_threads() -> usize {
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
 }
 
+thread_local! {
+    /// The index of this serving thread, `None` on every other thread (tests, the main
+    /// runtime).
+    static SERVING_THREAD: std::cell::Cell<Option<usize>> = const { std::cell::Cell::new(None) };
+}
+
+/// The index of the serving thread this runs on (`0..serving_threads()`), `None` elsewhere.
+/// What a thread keeps for itself (pool shard, request counters) is indexed by it.
+pub fn serving_thread() -> Option<usize> {
+    SERVING_THREAD.with(std::cell::Cell::get)
+}
+
 /// A connection, ready to be served on a serving thread (already counted by the tracker).
 type ConnectionJob = Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
 
@@ -315,7 +333,7 @@ impl ServingThread {
         std::thread::Builder::new()
             .name(format!("wpf-serve-{index}"))
             .spawn(move || {
-                crate::proxy::set_pool_shard(index);
+                SERVING_THREAD.with(|thread| thread.set(Some(index)));
                 runtime.block_on(async move {
                     while let Some(job) = jobs.recv().await {
                         tokio::spawn(job);
@@ -386,8 +404,19 @@ pub async fn serve(
     let dispatch = Dispatch {
         threads: threads
             .iter()
-            .map(|t| (t.inbox.clone(), t.open.clone()))
+            .map(|t| DispatchTo {
+                inbox: t.inbox.clone(),
+                open: t.open.clone(),
+                stop: Stop {
+                    shutdown: shutdown.child_token(),
+                    abort: abort.child_token(),
+                },
+            })
             .collect(),
+        own: Stop {
+            shutdown: shutdown.clone(),
+            abort: abort.clone(),
+        },
     };
     let stopped: Vec<_> = threads.into_iter().map(|t| t.stopped).collect();
     let accepting = TaskTracker::new();
@@ -397,7 +426,6 @@ pub async fn serve(
         dispatch,
         connections.clone(),
         shutdown.clone(),
-        abort.clone(),
     ));
     accepting.close();
     shutdown.cancelled().await;
@@ -436,31 +464,49 @@ impl Drop for StopServingThreads {
     }
 }
 
+/// What tells a connection to drain (`shutdown`) or to stop at once (`abort`).
+#[derive(Clone)]
+struct Stop {
+    shutdown: CancellationToken,
+    abort: CancellationToken,
+}
+
 /// Where accepted connections go: the least busy serving thread (or the caller's runtime).
 struct Dispatch {
-    threads: Vec<(
-        tokio::sync::mpsc::UnboundedSender<ConnectionJob>,
-        Arc<AtomicUsize>,
-    )>,
+    threads: Vec<DispatchTo>,
+    /// The tokens of connections served on the caller's runtime.
+    own: Stop,
+}
+
+/// One serving thread, as the accept loop sees it.
+struct DispatchTo {
+    inbox: tokio::sync::mpsc::UnboundedSender<ConnectionJob>,
+    open: Arc<AtomicUsize>,
+    /// Child tokens of the server's, one pair per thread: a token's waiters sit behind a
+    /// lock that every poll of a waiting `cancelled()` takes, and each connection polls two
+    /// on every wake-up. Shared by all connections, that lock moved between the cores on
+    /// nearly every request.
+    stop: Stop,
 }
 
 impl Dispatch {
-    /// Serve `stream` with `serve` on the least busy serving thread; on the current runtime
-    /// when there is none (or none takes it).
+    /// Serve `stream` with `serve` on the least busy serving thread, with that thread's
+    /// tokens; on the current runtime when there is none (or none takes it).
     fn serve<F, Fut>(&self, stream: TcpStream, connections: &TaskTracker, serve: F)
     where
-        F: FnOnce(TcpStream) -> Fut + Send + 'static,
+        F: FnOnce(TcpStream, Stop) -> Fut + Send + 'static,
         Fut: std::future::Future<Output = ()> + Send + 'static,
     {
         let least_busy = self
             .threads
             .iter()
-            .filter(|(inbox, _)| !inbox.is_closed())
-            .min_by_key(|(_, open)| open.load(Ordering::Relaxed));
-        let Some((inbox, open)) = least_busy else {
-            connections.spawn(serve(stream));
+            .filter(|to| !to.inbox.is_closed())
+            .min_by_key(|to| to.open.load(Ordering::Relaxed));
+        let Some(DispatchTo { inbox, open, stop }) = least_busy else {
+            connections.spawn(serve(stream, self.own.clone()));
             return;
         };
+        let stop = stop.clone();
         // The socket leaves this runtime's reactor and joins the serving thread's.
         let stream = match stream.into_std() {
             Ok(stream) => stream,
@@ -474,7 +520,7 @@ impl Dispatch {
         let job = connections.track_future(async move {
             let _open = open;
             match TcpStream::from_std(stream) {
-                Ok(stream) => serve(stream).await,
+                Ok(stream) => serve(stream, stop).await,
                 Err(e) => tracing::warn!(error = %e, "cannot serve connection"),
             }
         });
@@ -495,7 +541,6 @@ async fn accept_loop(
     dispatch: Dispatch,
     connections: TaskTracker,
     shutdown: CancellationToken,
-    abort: CancellationToken,
 ) {
     let listeners: Vec<(TcpListener, Transport, SocketAddr)> = listeners
         .into_iter()
@@ -538,15 +583,16 @@ async fn accept_loop(
             local: *local,
             tls: false,
         };
-        let (server, shutdown, abort) = (server.clone(), shutdown.clone(), abort.clone());
+        let server = server.clone();
         match transport {
-            Transport::Plain => dispatch.serve(stream, &connections, move |stream| {
-                server.serve_connection(TokioIo::new(stream), conn, permit, shutdown, abort)
+            Transport::Plain => dispatch.serve(stream, &connections, move |stream, stop| {
+                let io = TokioIo::new(stream);
+                server.serve_connection(io, conn, permit, stop.shutdown, stop.abort)
             }),
             Transport::Tls(acceptor) => {
                 let acceptor = acceptor.clone();
-                dispatch.serve(stream, &connections, move |stream| {
-                    server.serve_tls(acceptor, stream, conn, permit, shutdown, abort)
+                dispatch.serve(stream, &connections, move |stream, stop| {
+                    server.serve_tls(acceptor, stream, conn, permit, stop.shutdown, stop.abort)
                 })
             }
         }
