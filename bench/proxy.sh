@@ -7,7 +7,7 @@ set -euo pipefail
 shopt -s inherit_errexit   # failures inside $(...) stop the script too
 
 # --- knobs (environment) -----------------------------------------------------------------
-ROUNDS=${ROUNDS:-3}                 # measured rounds per target, targets alternate each round
+ROUNDS=${ROUNDS:-3}                 # measured rounds per target (order reversed every other round)
 DURATION=${DURATION:-10s}           # wrk -d per run
 WARMUP=${WARMUP:-2s}                # one unmeasured wrk run per target first ("0" to skip)
 CONNECTIONS=${CONNECTIONS:-64}      # wrk -c
@@ -404,9 +404,16 @@ main() {
     # others %: how much of the machine other programs took during the run; a run with a
     # high figure measured the neighbours as much as the target.
     printf '\n%-6s %-11s %12s %10s %12s %9s\n' round target 'req/s' 'p99 ms' 'cpu us/req' 'others %'
+    local forward reverse="" order
+    forward=$TARGETS
+    for t in $TARGETS; do reverse="$t $reverse"; done
     for ((r = 1; r <= ROUNDS; r++)); do
-        # Alternate targets within each round so drift (other load on the box) hits all alike.
-        for t in $TARGETS; do
+        # Alternate targets within each round so drift (other load on the box) hits all alike,
+        # and reverse their order every other round, so that of two neighbours neither always
+        # runs right after the other (whatever the one before left behind: sockets in
+        # TIME_WAIT, a warm or cold cache).
+        if ((r % 2)); then order=$forward; else order=$reverse; fi
+        for t in $order; do
             res=$(run_wrk "$t" "$DURATION" "$TMP/round$r-$t.txt")
             read -r rps p99 cpu others <<<"$res"
             RPS[$t]+=" $rps"

@@ -365,7 +365,9 @@ impl Collector for RequestSeries {
 /// Every metric of the gateway. Cheap to count into from any task.
 pub struct Metrics {
     registry: Registry,
-    sites: HashMap<String, Arc<str>>,
+    /// Label values of the sites taken on so far (see `add_site`); read per count, written
+    /// by a reload.
+    sites: arc_swap::ArcSwap<HashMap<String, Arc<str>>>,
     no_site: Arc<str>,
     requests: Arc<RequestSeries>,
     webhooks: Family<WebhookLabels, Counter>,
@@ -476,18 +478,9 @@ impl Metrics {
             Info::new(vec![("version", env!("CARGO_PKG_VERSION"))]),
         );
         registry.register_collector(Box::new(TlsCollector(tls)));
-        let sites: HashMap<String, Arc<str>> = config
-            .sites
-            .iter()
-            .map(|s| (s.name.clone(), Arc::from(s.name.as_str())))
-            .collect();
-        // Zero from the start, so `rate()` sees the first rejection.
-        for site in sites.values() {
-            drop(rate_limited.get_or_create(&SiteLabel { site: site.clone() }));
-        }
-        Metrics {
+        let metrics = Metrics {
             registry,
-            sites,
+            sites: arc_swap::ArcSwap::default(),
             no_site: Arc::from(NO_SITE),
             requests,
             webhooks,
@@ -497,15 +490,41 @@ impl Metrics {
             relay_requests,
             crm_requests,
             locks_held,
+        };
+        for site in &config.sites {
+            metrics.add_site(&site.name);
         }
+        metrics
     }
 
-    /// The label value of a site: shared for the sites of the starting config, made anew for
-    /// a site a reload added (its own name, not `-`); `-` when no site took the request.
+    /// Take a site on (at start, and for each site of a reloaded config): its label is kept,
+    /// so counting for it allocates nothing, and its rate-limited series starts at zero, so
+    /// `rate()` sees the first rejection.
+    fn add_site(&self, name: &str) -> Arc<str> {
+        if let Some(label) = self.sites.load().get(name) {
+            return label.clone();
+        }
+        let label: Arc<str> = Arc::from(name);
+        self.sites.rcu(|sites| {
+            let mut sites = HashMap::clone(sites);
+            sites
+                .entry(name.to_owned())
+                .or_insert_with(|| label.clone());
+            sites
+        });
+        drop(self.rate_limited.get_or_create(&SiteLabel {
+            site: label.clone(),
+        }));
+        label
+    }
+
+    /// The label value of a site (`-` when no site took the request). A site no config
+    /// named (only in tests) gets a label made for the call.
     fn site(&self, name: Option<&str>) -> Arc<str> {
         match name {
             Some(name) => self
                 .sites
+                .load()
                 .get(name)
                 .cloned()
                 .unwrap_or_else(|| Arc::from(name)),
@@ -520,10 +539,14 @@ impl Metrics {
 
     /// The request series of `site` (`None`: requests no site took), for the request path to
     /// keep: [`RequestCounters::count`] then needs no label lookup. The same series for the
-    /// same site in every routing, so counts carry on across reloads. A site that a reload
-    /// added is labelled with its own name.
+    /// same site in every routing, so counts carry on across reloads. Each routing asks for
+    /// each of its sites, which takes a site a reload added on (see `add_site`).
     pub fn request_counters(&self, site: Option<&str>) -> Arc<RequestCounters> {
-        self.requests.of(self.site(site))
+        let label = match site {
+            Some(name) => self.add_site(name),
+            None => self.no_site.clone(),
+        };
+        self.requests.of(label)
     }
 
     /// The front door answered a webhook.
@@ -630,6 +653,8 @@ mod tests {
         m.job("added", "done", Duration::from_millis(40));
         m.relay_request("added", "200");
         m.crm_request("added", "200");
+        // A site of a reloaded config: the routing asks for its request series.
+        drop(m.request_counters(Some("reloaded")));
         let text = m.encode();
         for line in [
             "wpf_gateway_requests_total{site=\"main\",status=\"200\"} 2",
@@ -637,6 +662,7 @@ mod tests {
             "wpf_gateway_upstream_duration_seconds_count{site=\"main\"} 1",
             "wpf_gateway_webhooks_total{site=\"main\",action=\"update\",outcome=\"queued\"} 1",
             "wpf_gateway_rate_limited_total{site=\"main\"} 1",
+            "wpf_gateway_rate_limited_total{site=\"reloaded\"} 0",
             "wpf_gateway_queue_jobs{state=\"pending\"} 3",
             "wpf_gateway_queue_jobs{state=\"dead\"} 0",
             "wpf_gateway_locks_held 2",
@@ -692,7 +718,11 @@ mod tests {
             .expect("a sum");
         assert!((sum - 12.0).abs() < 1e-6, "sum {sum}");
         // One TYPE line per family, however many sites and statuses.
-        assert_eq!(text.matches("# TYPE wpf_gateway_requests").count(), 1, "{text}");
+        assert_eq!(
+            text.matches("# TYPE wpf_gateway_requests").count(),
+            1,
+            "{text}"
+        );
     }
 
     #[test]
