@@ -22,6 +22,9 @@ TARGETS=${TARGETS:-"direct nginx gateway nginx-tls gateway-tls"}
 STRICT=${STRICT:-0}                 # 1: exit 3 when the DESIGN §7 targets are missed
 KEEP_TMP=${KEEP_TMP:-0}             # 1: keep the temp dir (configs, logs, wrk outputs)
 GATEWAY_BIN=${GATEWAY_BIN:-}        # use this binary instead of building target/release
+# baseline: another wpf-gateway binary (say, a build of an earlier commit) as one more target,
+# plain HTTP, same config, measured in the same rounds; adds gateway/baseline ratios.
+BASELINE_BIN=${BASELINE_BIN:-}
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 TMP=""
@@ -267,6 +270,30 @@ EOF
     grep -qi '^via:.*wpf-gateway' <<<"$head" || die "gateway answer carries no 'Via: ... wpf-gateway'"
 }
 
+# The baseline binary, plain HTTP only, with the gateway's site and log settings.
+start_baseline() {
+    mkdir -p "$TMP/baseline-data"
+    cat >"$TMP/baseline.toml" <<EOF
+[server]
+listen = ["127.0.0.1:$BASELINE_PORT"]
+data_dir = "$TMP/baseline-data"
+
+[log]
+level = "warn"
+access_log = false
+
+[[site]]
+name = "bench"
+upstream = "http://127.0.0.1:$UPSTREAM_PORT"
+access_key = "bench-access-key-not-secret"
+EOF
+    "$BASELINE_BIN" run --config "$TMP/baseline.toml" >"$TMP/baseline.log" 2>&1 &
+    local pid=$!
+    PIDS+=("$pid")
+    SERVER_PID[baseline]=$pid
+    wait_ready baseline "http://127.0.0.1:$BASELINE_PORT/" "$pid" "$TMP/baseline.log"
+}
+
 url_of() {
     case $1 in
         direct) echo "http://127.0.0.1:$UPSTREAM_PORT/" ;;
@@ -274,6 +301,7 @@ url_of() {
         gateway) echo "http://127.0.0.1:$GATEWAY_PORT/" ;;
         nginx-tls) echo "https://127.0.0.1:$NGINX_TLS_PORT/" ;;
         gateway-tls) echo "https://127.0.0.1:$GATEWAY_TLS_PORT/" ;;
+        baseline) echo "http://127.0.0.1:$BASELINE_PORT/" ;;
         *) die "unknown target $1" ;;
     esac
 }
@@ -364,9 +392,13 @@ ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b == 0) print "n/a"; else printf 
 main() {
     local t r res rps p99 cpu others
     [[ "$ROUNDS" =~ ^[1-9][0-9]*$ ]] || die "ROUNDS must be a positive integer"
+    if [[ -n "$BASELINE_BIN" ]] && ! has_target baseline; then TARGETS="$TARGETS baseline"; fi
     for t in $TARGETS; do
-        [[ "$t" =~ ^(direct|nginx|gateway|nginx-tls|gateway-tls)$ ]] || die "unknown target '$t' in TARGETS"
+        [[ "$t" =~ ^(direct|nginx|gateway|nginx-tls|gateway-tls|baseline)$ ]] || die "unknown target '$t' in TARGETS"
     done
+    if has_target baseline; then
+        [[ -x "$BASELINE_BIN" ]] || die "target baseline needs BASELINE_BIN, an executable wpf-gateway (got '$BASELINE_BIN')"
+    fi
     ensure_tools
     if has_target gateway || has_target gateway-tls; then ensure_gateway; fi
 
@@ -382,11 +414,13 @@ main() {
     free_port GATEWAY_PORT
     free_port NGINX_TLS_PORT
     free_port GATEWAY_TLS_PORT
+    free_port BASELINE_PORT
 
     make_cert
     start_upstream
     if has_target nginx || has_target nginx-tls; then start_nginx_proxy; fi
     if has_target gateway || has_target gateway-tls; then start_gateway; fi
+    if has_target baseline; then start_baseline; fi
     log "upstream :$UPSTREAM_PORT$(has_target nginx && echo "  nginx proxy :$NGINX_PORT")$(has_target gateway && echo "  gateway :$GATEWAY_PORT")  (files in $TMP)"
     log "wrk -t$THREADS -c$CONNECTIONS -d$DURATION --latency, $ROUNDS rounds, targets: $TARGETS"
     log "$(nproc) cores; load average $(cut -d' ' -f1-3 /proc/loadavg) before the runs"
@@ -457,6 +491,12 @@ report_ratios() {
             printf '  nginx/direct    req/s %s   p99 %s   (the peer, for scale)\n' \
                 "$(ratio "${MRPS[nginx]}" "${MRPS[direct]}")" "$(ratio "${MP99[nginx]}" "${MP99[direct]}")"
         fi
+    fi
+    if has_target baseline; then
+        printf '  gateway/baseline  req/s %s   p99 %s   cpu/req %s   (this build against BASELINE_BIN)\n' \
+            "$(ratio "${MRPS[gateway]}" "${MRPS[baseline]}")" \
+            "$(ratio "${MP99[gateway]}" "${MP99[baseline]}")" \
+            "$(ratio "${MCPU[gateway]}" "${MCPU[baseline]}")"
     fi
     if has_target gateway-tls && has_target nginx-tls; then
         printf '  HTTPS: gateway-tls/nginx-tls   req/s %s   p99 %s   cpu/req %s   (issue 4 target: req/s >= 1.0)\n' \
