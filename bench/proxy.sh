@@ -233,50 +233,33 @@ EOF
 }
 
 start_gateway() {
-    mkdir -p "$TMP/gateway-data"
-    cat >"$TMP/gateway.toml" <<EOF
-[server]
-listen = ["127.0.0.1:$GATEWAY_PORT"]
-data_dir = "$TMP/gateway-data"
-
-[tls]
-listen = ["127.0.0.1:$GATEWAY_TLS_PORT"]
-
-[[tls.cert]]
-chain = "$TMP/tls.pem"
-key = "$TMP/tls.key"
-
-[log]
-level = "warn"
-access_log = false
-
-[[site]]
-name = "bench"
-upstream = "http://127.0.0.1:$UPSTREAM_PORT"
-access_key = "bench-access-key-not-secret"
-EOF
-    "$GATEWAY_BIN" run --config "$TMP/gateway.toml" >"$TMP/gateway.log" 2>&1 &
-    local pid=$!
-    PIDS+=("$pid")
-    SERVER_PID[gateway]=$pid
-    SERVER_PID[gateway-tls]=$pid
-    # Not "$!" below: the process substitution in wait_ready resets it to curl's subshell,
-    # and the TLS check then reported a gateway that runs fine as "exited during start-up".
-    wait_ready gateway "http://127.0.0.1:$GATEWAY_PORT/" "$pid" "$TMP/gateway.log"
-    wait_ready "gateway (TLS)" "https://127.0.0.1:$GATEWAY_TLS_PORT/" "$pid" "$TMP/gateway.log"
-    # Make sure the answer really went through the gateway (its Via), not something else.
-    local head
-    head=$(curl -s -D - -o /dev/null --max-time 2 "http://127.0.0.1:$GATEWAY_PORT/")
-    grep -qi '^via:.*wpf-gateway' <<<"$head" || die "gateway answer carries no 'Via: ... wpf-gateway'"
+    launch_gateway gateway "$GATEWAY_BIN" "$GATEWAY_PORT" "$GATEWAY_TLS_PORT"
+    SERVER_PID[gateway]=$LAST_PID
+    SERVER_PID[gateway-tls]=$LAST_PID
 }
 
-# The baseline binary, plain HTTP only, with the gateway's site and log settings.
+# The baseline binary, plain HTTP only, with the same site and log settings.
 start_baseline() {
-    mkdir -p "$TMP/baseline-data"
-    cat >"$TMP/baseline.toml" <<EOF
+    launch_gateway baseline "$BASELINE_BIN" "$BASELINE_PORT"
+    SERVER_PID[baseline]=$LAST_PID
+}
+
+# launch_gateway NAME BIN PORT [TLS_PORT]: config $TMP/NAME.toml (a TLS listener with the
+# shared certificate when TLS_PORT is given), data in $TMP/NAME-data, log in $TMP/NAME.log;
+# waits until it answers, checks the answer came through it; its pid in LAST_PID.
+launch_gateway() {
+    local name=$1 bin=$2 port=$3 tls_port=${4:-} tls=""
+    mkdir -p "$TMP/$name-data"
+    if [[ -n "$tls_port" ]]; then
+        tls=$(printf '[tls]\nlisten = ["127.0.0.1:%s"]\n\n[[tls.cert]]\nchain = "%s"\nkey = "%s"\n' \
+            "$tls_port" "$TMP/tls.pem" "$TMP/tls.key")
+    fi
+    cat >"$TMP/$name.toml" <<EOF
 [server]
-listen = ["127.0.0.1:$BASELINE_PORT"]
-data_dir = "$TMP/baseline-data"
+listen = ["127.0.0.1:$port"]
+data_dir = "$TMP/$name-data"
+
+$tls
 
 [log]
 level = "warn"
@@ -287,11 +270,20 @@ name = "bench"
 upstream = "http://127.0.0.1:$UPSTREAM_PORT"
 access_key = "bench-access-key-not-secret"
 EOF
-    "$BASELINE_BIN" run --config "$TMP/baseline.toml" >"$TMP/baseline.log" 2>&1 &
+    "$bin" run --config "$TMP/$name.toml" >"$TMP/$name.log" 2>&1 &
     local pid=$!
     PIDS+=("$pid")
-    SERVER_PID[baseline]=$pid
-    wait_ready baseline "http://127.0.0.1:$BASELINE_PORT/" "$pid" "$TMP/baseline.log"
+    LAST_PID=$pid
+    # Not "$!" below: the process substitution in wait_ready resets it to curl's subshell,
+    # and the TLS check then reported a gateway that runs fine as "exited during start-up".
+    wait_ready "$name" "http://127.0.0.1:$port/" "$pid" "$TMP/$name.log"
+    if [[ -n "$tls_port" ]]; then
+        wait_ready "$name (TLS)" "https://127.0.0.1:$tls_port/" "$pid" "$TMP/$name.log"
+    fi
+    # Make sure the answer really went through the gateway (its Via), not something else.
+    local head
+    head=$(curl -s -D - -o /dev/null --max-time 2 "http://127.0.0.1:$port/")
+    grep -qi '^via:.*wpf-gateway' <<<"$head" || die "$name answer carries no 'Via: ... wpf-gateway'"
 }
 
 url_of() {
