@@ -213,15 +213,19 @@ impl RequestCounters {
         }
     }
 
+    /// One counter summed over the shards.
+    fn total(&self, counter: impl Fn(&RequestShard) -> &AtomicU64) -> u64 {
+        self.shards
+            .iter()
+            .map(|s| counter(s).load(Ordering::Relaxed))
+            .fold(0, u64::saturating_add)
+    }
+
     /// Every status counted so far, with its count summed over the shards, in status order.
     fn statuses(&self) -> Vec<(u16, u64)> {
         let mut out: Vec<(u16, u64)> = (0..STATUSES)
             .filter_map(|i| {
-                let n: u64 = self
-                    .shards
-                    .iter()
-                    .map(|s| s.by_status[i].load(Ordering::Relaxed))
-                    .sum();
+                let n = self.total(|s| &s.by_status[i]);
                 let status = FIRST_STATUS + u16::try_from(i).ok()?;
                 (n > 0).then_some((status, n))
             })
@@ -237,25 +241,17 @@ impl RequestCounters {
 
     /// The upstream histogram summed over the shards; `None` before the first observation.
     fn upstream(&self) -> Option<UpstreamSnapshot> {
-        let sum = |f: &dyn Fn(&RequestShard) -> u64| -> u64 {
-            self.shards.iter().map(f).fold(0, u64::saturating_add)
-        };
-        let count = sum(&|s| s.upstream_count.load(Ordering::Relaxed));
+        let count = self.total(|s| &s.upstream_count);
         if count == 0 {
             return None;
         }
-        let sum_ns = sum(&|s| s.upstream_sum_ns.load(Ordering::Relaxed));
+        let sum_ns = self.total(|s| &s.upstream_sum_ns);
         let buckets = UPSTREAM_BOUNDS
             .iter()
             .copied()
             .chain(std::iter::once(f64::INFINITY))
             .enumerate()
-            .map(|(i, bound)| {
-                (
-                    bound,
-                    sum(&|s| s.upstream_buckets[i].load(Ordering::Relaxed)),
-                )
-            })
+            .map(|(i, bound)| (bound, self.total(|s| &s.upstream_buckets[i])))
             .collect();
         // Nanoseconds as f64 lose precision only past 2^53 ns (104 days of waiting).
         #[allow(clippy::cast_precision_loss)]
