@@ -1962,7 +1962,9 @@ mod tests {
             async move {
                 for _ in 0..20 {
                     let before = q.checkpoints();
-                    tokio::time::sleep(crate::queue::checkpoint::CHECKPOINT_AFTER * 3).await;
+                    // Several intervals, plus room for a checkpoint slowed by a busy disk.
+                    let quiet = crate::queue::checkpoint::CHECKPOINT_AFTER * 3;
+                    tokio::time::sleep(quiet + Duration::from_millis(500)).await;
                     let after = q.checkpoints();
                     if before == after && after.0 > 0 {
                         return after;
