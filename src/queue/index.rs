@@ -9,10 +9,13 @@
 //! - a pending job is *ready* (in `ready`, leasable once due) only while no job of its
 //!   contact runs, so two jobs of one contact never run at once.
 //!
-//! A plain `HashMap` rather than a TTL cache: an entry evicted from the index would let a
+//! A plain `HashMap` (foldhash: the keys are short, and this runs on the writer, which every
+//! webhook passes through) rather than a TTL cache: an entry evicted from the index would let a
 //! second pending job appear for the same contact, so the index must never forget one.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
+
+use foldhash::HashMap;
 use std::sync::Arc;
 
 use super::{Action, JobId};

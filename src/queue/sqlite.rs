@@ -22,7 +22,10 @@
 //! [`QueueError::Unavailable`], and the index is rebuilt from the file, so memory never
 //! claims what the disk does not hold.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
+
+use foldhash::HashMap as FastMap;
+use foldhash::HashSet as FastSet;
 use std::fs::File;
 use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
@@ -135,6 +138,8 @@ type Reply<T> = oneshot::Sender<Result<T, QueueError>>;
 enum Command {
     Admit {
         delivery: Box<Delivery>,
+        /// [`fingerprint`] of the delivery, computed by the caller (off the writer's thread).
+        fingerprint: u64,
         dedupe_window: Duration,
         watch: Option<oneshot::Sender<JobOutcome>>,
         reply: Reply<Admission>,
@@ -218,16 +223,45 @@ pub struct JobRow {
     pub last_error: Option<String>,
 }
 
-/// Loopback locks in memory: (site, contact) -> locked until (ms since the epoch). Entries
-/// expire on their own at that time.
-type LockCache = moka::sync::Cache<(Arc<str>, String), i64>;
+/// Loopback locks in memory: [`lock_key`] -> locked until (ms since the epoch). Entries
+/// expire on their own at that time. Every webhook looks its contact up here, on the serving
+/// threads: one string key lets the lookup borrow a key built on the stack
+/// ([`with_lock_key`]) where a (site, contact) pair cost an allocation and a count on the
+/// site's shared `Arc` per webhook; foldhash where moka's default is SipHash.
+type LockCache = moka::sync::Cache<String, i64, foldhash::fast::RandomState>;
+
+/// `site` NUL `contact`: unambiguous, site names being `a-z 0-9 _ -` (config.rs).
+fn lock_key(site: &str, contact: &str) -> String {
+    let mut key = String::with_capacity(site.len() + 1 + contact.len());
+    key.push_str(site);
+    key.push('\0');
+    key.push_str(contact);
+    key
+}
+
+/// Call `f` with [`lock_key`]`(site, contact)`, built on the stack when it is short.
+fn with_lock_key<R>(site: &str, contact: &str, f: impl FnOnce(&str) -> R) -> R {
+    let mut buf = [0u8; 256];
+    let len = site.len() + 1 + contact.len();
+    if let Some(key) = buf.get_mut(..len) {
+        let (head, tail) = key.split_at_mut(site.len());
+        head.copy_from_slice(site.as_bytes());
+        tail[0] = 0;
+        tail[1..].copy_from_slice(contact.as_bytes());
+        // Two `str`s joined by NUL are UTF-8, so this never falls through.
+        if let Ok(key) = std::str::from_utf8(key) {
+            return f(key);
+        }
+    }
+    f(&lock_key(site, contact))
+}
 
 struct LockExpiry;
 
-impl moka::Expiry<(Arc<str>, String), i64> for LockExpiry {
+impl moka::Expiry<String, i64> for LockExpiry {
     fn expire_after_create(
         &self,
-        _key: &(Arc<str>, String),
+        _key: &String,
         until_ms: &i64,
         _created_at: Instant,
     ) -> Option<Duration> {
@@ -236,7 +270,7 @@ impl moka::Expiry<(Arc<str>, String), i64> for LockExpiry {
 
     fn expire_after_update(
         &self,
-        _key: &(Arc<str>, String),
+        _key: &String,
         until_ms: &i64,
         _updated_at: Instant,
         _current: Option<Duration>,
@@ -313,7 +347,7 @@ impl SqliteQueue {
         let locks: LockCache = moka::sync::Cache::builder()
             .max_capacity(1_000_000)
             .expire_after(LockExpiry)
-            .build();
+            .build_with_hasher(foldhash::fast::RandomState::default());
         let rows = sqlx::query("SELECT site, contact, until_ms FROM locks WHERE until_ms > ?")
             .bind(now)
             .fetch_all(&mut conn)
@@ -321,7 +355,7 @@ impl SqliteQueue {
             .map_err(named)?;
         for row in rows {
             let site: String = row.get(0);
-            locks.insert((Arc::from(site), row.get(1)), row.get(2));
+            locks.insert(lock_key(&site, row.get(1)), row.get(2));
         }
         let reader = sqlx::sqlite::SqlitePoolOptions::new()
             .max_connections(2)
@@ -336,9 +370,9 @@ impl SqliteQueue {
                 index: Index::default(),
                 next_id: 1,
                 config: config.clone(),
-                notify: HashSet::new(),
+                notify: FastSet::default(),
             },
-            waiters: HashMap::new(),
+            waiters: FastMap::default(),
             path: path.clone(),
         };
         writer.rebuild().await.map_err(named)?;
@@ -400,6 +434,7 @@ impl SqliteQueue {
         };
         let admission = self
             .call(|reply| Command::Admit {
+                fingerprint: fingerprint(&delivery),
                 delivery: Box::new(delivery),
                 dedupe_window,
                 watch,
@@ -493,7 +528,7 @@ impl SqliteQueue {
         })
         .await?;
         self.locks
-            .insert((site.clone(), contact.as_str().to_owned()), until_ms);
+            .insert(lock_key(site, contact.as_str()), until_ms);
         Ok(())
     }
 
@@ -507,8 +542,7 @@ impl SqliteQueue {
             reply,
         })
         .await?;
-        self.locks
-            .invalidate(&(site.clone(), contact.as_str().to_owned()));
+        with_lock_key(site, contact.as_str(), |key| self.locks.invalidate(key));
         Ok(was)
     }
 
@@ -626,9 +660,7 @@ impl SqliteQueue {
 
     /// Is `contact` of `site` locked now? How long the lock still holds, if so.
     pub fn locked_for(&self, site: &Arc<str>, contact: &ContactId) -> Option<Duration> {
-        let until_ms = self
-            .locks
-            .get(&(site.clone(), contact.as_str().to_owned()))?;
+        let until_ms = with_lock_key(site, contact.as_str(), |key| self.locks.get(key))?;
         let left = until(until_ms);
         (!left.is_zero()).then_some(left)
     }
@@ -703,8 +735,16 @@ fn duration_ms(d: Duration) -> i64 {
 }
 
 /// Identity of a delivery for exact-repeat detection: everything the CRM sent that matters.
+///
+/// Stored with pending jobs, so a CRM's retry after a restart is still a duplicate: hence a
+/// fixed seed. Stable for a given foldhash version (Cargo.lock); an upgrade that changed it
+/// would only turn a repeat arriving across the upgrade into a merge, never lose news.
+/// (std's `DefaultHasher`, used before, has the same caveat across Rust releases.)
 fn fingerprint(d: &Delivery) -> u64 {
-    let mut h = std::collections::hash_map::DefaultHasher::new();
+    use std::hash::BuildHasher;
+    /// Any constant; changing it makes the stored fingerprints of pending jobs stale (above).
+    const SEED: u64 = 0x7770_665f_6761_7465; // "wpf_gate"
+    let mut h = foldhash::quality::FixedState::with_seed(SEED).build_hasher();
     d.contact.hash(&mut h);
     d.action.hash(&mut h);
     d.role.hash(&mut h);
@@ -784,7 +824,7 @@ type PendingReply = Box<dyn FnOnce(Result<(), QueueError>) + Send>;
 #[derive(Default)]
 struct Batch {
     inserts: Vec<NewJob>,
-    merges: HashMap<JobId, Merge>,
+    merges: FastMap<JobId, Merge>,
     activity: Vec<Activity>,
     replies: Vec<PendingReply>,
     waiters: Vec<(JobId, oneshot::Sender<JobOutcome>)>,
@@ -801,7 +841,7 @@ struct Writer {
     checkpointer: Option<Checkpointer>,
     state: State,
     /// Sync-mode answers waiting for a job's final outcome.
-    waiters: HashMap<JobId, Vec<oneshot::Sender<JobOutcome>>>,
+    waiters: FastMap<JobId, Vec<oneshot::Sender<JobOutcome>>>,
     path: PathBuf,
 }
 
@@ -810,7 +850,7 @@ struct State {
     next_id: i64,
     config: QueueConfig,
     /// Sites whose workers must be woken after the commit.
-    notify: HashSet<Arc<str>>,
+    notify: FastSet<Arc<str>>,
 }
 
 impl Writer {
@@ -1099,10 +1139,19 @@ impl State {
         match command {
             Command::Admit {
                 delivery,
+                fingerprint,
                 dedupe_window,
                 watch,
                 reply,
-            } => self.admit(delivery, dedupe_window, watch, reply, batch, now),
+            } => self.admit(
+                delivery,
+                fingerprint,
+                dedupe_window,
+                watch,
+                reply,
+                batch,
+                now,
+            ),
             Command::Lease { site, reply } => {
                 batch.flush(tx).await?;
                 let lease = self.lease(&site, now, tx).await?;
@@ -1201,16 +1250,17 @@ impl State {
         Ok(())
     }
 
+    #[allow(clippy::too_many_arguments)] // the fields of `Command::Admit`, plus the batch
     fn admit(
         &mut self,
         delivery: Box<Delivery>,
+        fp: u64,
         dedupe_window: Duration,
         watch: Option<oneshot::Sender<JobOutcome>>,
         reply: Reply<Admission>,
         batch: &mut Batch,
         now: i64,
     ) {
-        let fp = fingerprint(&delivery);
         let site = delivery.site.clone();
         let contact = delivery.contact.as_str();
         let decision = self.index.decide(
@@ -1992,6 +2042,17 @@ mod tests {
         );
         assert_eq!(done_after, log_after);
         q.close().await;
+    }
+
+    #[test]
+    fn lock_keys_on_the_stack_and_on_the_heap_agree() {
+        let long = "c".repeat(400);
+        for contact in ["42", "email:ann@example.com", "", long.as_str()] {
+            let built = with_lock_key("shop", contact, str::to_owned);
+            assert_eq!(built, lock_key("shop", contact));
+        }
+        // The separator keeps (site, contact) pairs apart.
+        assert_ne!(lock_key("shop", "1"), lock_key("shop1", ""));
     }
 
     #[tokio::test]
