@@ -14,9 +14,9 @@
 //! second pending job appear for the same contact, so the index must never forget one.
 
 use std::collections::BTreeSet;
+use std::sync::Arc;
 
 use foldhash::HashMap;
-use std::sync::Arc;
 
 use super::{Action, JobId};
 

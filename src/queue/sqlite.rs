@@ -23,9 +23,6 @@
 //! claims what the disk does not hold.
 
 use std::collections::HashMap;
-
-use foldhash::HashMap as FastMap;
-use foldhash::HashSet as FastSet;
 use std::fs::File;
 use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
@@ -34,6 +31,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
+use foldhash::{HashMap as FastMap, HashSet as FastSet};
 use rand::Rng;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqliteSynchronous};
 use sqlx::{Connection, Row, SqliteConnection};
